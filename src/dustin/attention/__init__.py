@@ -1,0 +1,47 @@
+"""Attention dispatch: the model calls `attend`, which picks the torch reference or a Triton kernel.
+
+The model's attention knows two cases only: the whole cache (`indices is None`) or these indices.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import DustinError
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise DustinError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_ready() else "torch"
+    return backend
+
+
+def _triton_ready() -> bool:
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+           indices: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
+    """Attention of `T` new queries per sequence over its cache.
+
+    q: `[B, Hq, T, D]`; k_cache, v_cache: `[B, Hkv, S, D]` with the new tokens already written at
+    `seq_lens[b] + t`; seq_lens: `[B]` committed lengths; indices: None for the whole cache, or
+    `[B, budget]` / `[B, Hkv, budget]` positions to read besides the new tokens. Returns `[B, Hq, T, D]`.
+    """
+    if backend == "triton":
+        from . import kernels
+
+        if indices is None:
+            return kernels.decode_attention(q, k_cache, v_cache, seq_lens)
+        return kernels.sparse_attention(q, k_cache, v_cache, seq_lens, indices)
+    if indices is None:
+        return reference.dense_attention(q, k_cache, v_cache, seq_lens)
+    return reference.sparse_attention(q, k_cache, v_cache, seq_lens, indices)

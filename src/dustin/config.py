@@ -1,0 +1,177 @@
+"""Configuration dataclasses: the model's architecture, read from a Hugging Face `config.json`."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DustinError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency-dependent RoPE scaling (`rope_type: llama3`); `factor == 1` means none."""
+
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Architecture of one Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    head_dim: int = 0  # 0: dim // n_heads
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False  # Llama's `attention_bias` also biases o_proj; Qwen2 biases q/k/v only
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise DustinError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "grouped-query attention needs whole groups"
+            )
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def n_params(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        if self.qkv_bias:
+            attn += self.head_dim * (self.n_heads + 2 * self.n_kv_heads)
+        if self.o_bias:
+            attn += self.dim
+        mlp = 3 * self.dim * self.intermediate_size
+        per_layer = attn + mlp + 2 * self.dim
+        embed = self.vocab_size * self.dim * (1 if self.tie_word_embeddings else 2)
+        return self.n_layers * per_layer + embed + self.dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Bytes of K and V for one token of one sequence, over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """Build from a parsed Hugging Face `config.json` (transformers 4 or 5 layout)."""
+        archs = cfg.get("architectures") or [_arch_from_model_type(cfg.get("model_type"))]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise DustinError(
+                f"unsupported architecture {arch!r}; dustin runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        # transformers 5 moved rope settings under `rope_parameters`; 4 kept `rope_theta` + `rope_scaling`.
+        rope = dict(cfg.get("rope_parameters") or {})
+        legacy = cfg.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10_000.0))
+        scaling_src = rope if rope.get("rope_type", rope.get("type")) not in (None, "default") else legacy
+        rope_type = scaling_src.get("rope_type", scaling_src.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(scaling_src["factor"]),
+                low_freq_factor=float(scaling_src.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(scaling_src.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(scaling_src.get("original_max_position_embeddings", 8192)),
+            )
+        elif rope_type not in ("default", None):
+            raise DustinError(f"unsupported RoPE scaling {rope_type!r}; dustin supports default and llama3")
+        n_heads = cfg["num_attention_heads"]
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        window = cfg.get("sliding_window")
+        if is_qwen2 and not cfg.get("use_sliding_window", False):
+            window = None
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            qkv_bias=bool(cfg.get("attention_bias", is_qwen2)),
+            o_bias=bool(cfg.get("attention_bias", False)) and not is_qwen2,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=window,
+            architecture=arch,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DustinError(f"missing config file {path}; a checkpoint directory needs its config.json") from None
+        except json.JSONDecodeError as e:
+            raise DustinError(f"{path} is not valid JSON ({e}); the file may be truncated") from None
+        return cls.from_hf_config(cfg)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A transformers-4-style `config.json` dict, readable by transformers 4 and 5 and by `from_hf_config`."""
+        model_type = {"Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}.get(self.architecture, "llama")
+        cfg: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+        }
+        if model_type != "qwen2":
+            cfg["attention_bias"] = self.qkv_bias or self.o_bias
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        if self.bos_token_id is not None:
+            cfg["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id:
+            cfg["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) > 1 else self.eos_token_id[0]
+        if self.sliding_window is not None:
+            cfg["sliding_window"] = self.sliding_window
+            if model_type == "qwen2":
+                cfg["use_sliding_window"] = True
+        return cfg
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        model_type or "", f"unknown model_type {model_type!r}"
+    )

@@ -1,0 +1,296 @@
+"""One Llama-family decoder (Llama 2/3, Qwen2/2.5 with qkv bias, Mistral) that owns its KV cache.
+
+Target and draft are the same class. Three ways to run it:
+- `model(input_ids)`: a plain causal forward with no cache, `[B, T] -> [B, T, V]` logits;
+- `model.prefill(input_ids, lengths)`: chunked prefill of ragged prompts into the cache;
+- `model.decode(input_ids)`: `T` new tokens per sequence at each sequence's own position, reading
+  the whole cache or, with `indices`, only the selected entries.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attend, resolve_backend
+from .cache import KVCache, available_memory, estimate_memory
+from .config import ModelArgs
+from .errors import DustinError
+
+
+@dataclass
+class QueryCapture:
+    """Asks `decode` to keep the post-RoPE queries of some heads: `{layer: [head, ...]}`.
+
+    After the pass, `q[layer]` is `[B, len(heads), T, head_dim]`.
+    """
+
+    heads: dict[int, list[int]]
+    q: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """`[head_dim // 2]` inverse frequencies, with Llama-3 scaling when the config asks for it."""
+    inv = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.int64).float() / args.head_dim)
+    s = args.rope_scaling
+    if s is None or s.factor == 1.0:
+        return inv
+    wavelen = 2 * math.pi / inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: `[B, H, T, D]`; cos, sin: `[B, 1, T, D]` (half-split rotation, as in the HF checkpoints)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step | None") -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if step is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            cache = step.cache
+            cache.write(self.layer, k, v, step.positions)
+            if step.capture is not None and self.layer in step.capture.heads:
+                step.capture.q[self.layer] = q[:, step.capture.heads[self.layer]]
+            indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
+            out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices,
+                         backend=step.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step | None") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class _Step:
+    """What one cached pass hands every layer."""
+
+    cache: KVCache
+    positions: torch.Tensor  # [B, T]; padding tokens of a ragged chunk point at the scratch slot
+    indices: object  # None, a [B, budget] / [B, Hkv, budget] tensor, or a callable (layer, q) -> indices
+    capture: QueryCapture | None
+    backend: str
+
+
+class Transformer(nn.Module):
+    """Llama-family causal LM; parameter names follow the Hugging Face checkpoints (minus `model.`)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.cache: KVCache | None = None
+        self.attn_backend = "auto"
+        self._rope_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, T]` positions -> cos, sin `[B, 1, T, head_dim]` in float32, from the table."""
+        return self._cos[positions][:, None], self._sin[positions][:, None]
+
+    def _grow_rope(self, length: int) -> None:
+        inv = rope_frequencies(self.args).to(self.device)
+        freqs = torch.outer(torch.arange(length, device=self.device, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin, self._rope_len = emb.cos(), emb.sin(), length
+
+    def _check_length(self, length: int) -> None:
+        a = self.args
+        if length > a.max_position_embeddings:
+            raise DustinError(
+                f"{length} positions requested but the model has {a.max_position_embeddings}; "
+                "shorten the prompt or lower max_new_tokens"
+            )
+        if a.sliding_window is not None and length > a.sliding_window:
+            raise DustinError(
+                f"{length} positions exceed the model's sliding window of {a.sliding_window}, which dustin does "
+                "not implement; keep sequences within the window"
+            )
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step | None,
+             logits_at: torch.Tensor | None) -> torch.Tensor:
+        cos, sin = self._rope(positions)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, step)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(self.norm(x)).float()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain causal forward without cache: input_ids `[B, T]` -> logits `[B, T, V]` (float32)."""
+        B, T = input_ids.shape
+        self._check_length(T)
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if T > self._rope_len:
+            self._grow_rope(T)
+        return self._run(input_ids, positions, None, None)
+
+    # --- the cache -------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        """Allocate a static cache for `batch` sequences of up to `max_len` tokens each."""
+        if batch < 1 or max_len < 1:
+            raise DustinError(f"cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+        self._check_length(max_len)
+        dtype = dtype or self.dtype
+        need = estimate_memory(self.args, batch=batch, context=max_len, dtype=dtype, include_weights=False)
+        free = available_memory(self.device) + (self._cache_bytes() if self.cache is not None else 0)
+        if need.kv_cache > free:
+            raise DustinError(
+                f"a KV cache for batch {batch} x {max_len} tokens needs {need.kv_cache / 2**30:.2f} GiB "
+                f"but only {free / 2**30:.2f} GiB is free on {self.device}; lower the batch or the context"
+            )
+        self.cache = None  # free the old cache before allocating the new one
+        self.cache = KVCache(self.args, batch=batch, max_len=max_len, dtype=dtype, device=self.device)
+        self._grow_rope(max_len + KVCache.SCRATCH)
+        return self.cache
+
+    def _cache_bytes(self) -> int:
+        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+
+    def _require_cache(self) -> KVCache:
+        if self.cache is None:
+            raise DustinError("this model has no KV cache; call model.setup_cache(batch, max_len) first")
+        return self.cache
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self._require_cache().seq_lens
+
+    def commit(self, n: torch.Tensor | int, *, check: bool = True) -> None:
+        self._require_cache().commit(n, check=check)
+
+    def rollback(self, n: torch.Tensor | int, *, check: bool = True) -> None:
+        self._require_cache().rollback(n, check=check)
+
+    def decode(self, input_ids: torch.Tensor, *, indices=None, valid: torch.Tensor | None = None,
+               logits_at: torch.Tensor | None = None, capture: QueryCapture | None = None,
+               check: bool = True) -> torch.Tensor:
+        """Run `T` new tokens per sequence at positions `seq_lens[b] + t`, writing their K/V (uncommitted).
+
+        input_ids: `[B, T]`; indices: None (whole cache), `[B, budget]` / `[B, Hkv, budget]` positions,
+        or a callable `(layer, q) -> indices`; valid: `[B, T]` bool marks real tokens in a ragged
+        chunk; logits_at: `[B, K]` token offsets whose logits to return. Returns `[B, T or K, V]` float32.
+        """
+        cache = self._require_cache()
+        B, T = input_ids.shape
+        if check:
+            if B != cache.batch:
+                raise DustinError(f"input batch {B} does not match the cache's batch {cache.batch}")
+            top = int(cache.seq_lens.max()) + T
+            if top > cache.max_len:
+                raise DustinError(
+                    f"decoding {T} tokens would reach position {top} but the cache holds {cache.max_len}; "
+                    "setup a larger cache or generate fewer tokens"
+                )
+        positions = cache.positions(T)
+        if valid is not None:  # padding goes to the scratch slot, which the rope table also covers
+            positions = torch.where(valid, positions, cache.max_len)
+        backend = resolve_backend(self.attn_backend, self.device)
+        step = _Step(cache, positions, indices, capture, backend)
+        return self._run(input_ids, positions, step, logits_at)
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """Append ragged prompts to the cache in chunks and commit them.
+
+        input_ids: `[B, T]` right-padded; lengths: `[B]` real lengths (default: all `T`). Chunks keep
+        the attention scores at `chunk x context`, never `context^2`. Returns the logits `[B, V]` of
+        each sequence's last real token (a sequence with length 0 gets zeros).
+        """
+        cache = self._require_cache()
+        B, T = input_ids.shape
+        dev = input_ids.device
+        lengths = torch.full((B,), T, device=dev) if lengths is None else torch.as_tensor(lengths, device=dev).long()
+        if lengths.shape != (B,) or bool((lengths < 0).any()) or bool((lengths > T).any()):
+            raise DustinError(f"lengths must be [B] with 0 <= length <= {T}, got {lengths.tolist()}")
+        top = int((cache.seq_lens.long() + lengths).max())
+        self._check_length(top)
+        if top > cache.max_len:
+            raise DustinError(f"prompts reach position {top} but the cache holds {cache.max_len}; "
+                              "setup a larger cache or shorten the prompt")
+        chunk = chunk_size or self._default_chunk(top)
+        last = torch.zeros(B, self.args.vocab_size, device=dev)
+        for start in range(0, T, chunk):
+            ids = input_ids[:, start:start + chunk]
+            n_valid = (lengths - start).clamp(0, ids.shape[1])
+            valid = torch.arange(ids.shape[1], device=dev)[None] < n_valid[:, None]
+            logits = self.decode(ids, valid=valid, logits_at=(n_valid - 1).clamp(min=0)[:, None], check=False)
+            ends_here = (n_valid > 0) & (lengths <= start + chunk)
+            last = torch.where(ends_here[:, None], logits[:, 0], last)
+            cache.commit(n_valid, check=False)
+        return last
+
+    def _default_chunk(self, context: int) -> int:
+        # keep one layer's scores (heads x chunk x context floats) near 256 MiB on the reference path
+        return max(16, min(2048, (1 << 26) // max(1, self.args.n_heads * context)))
