@@ -153,6 +153,7 @@ def ensure_converted(role: str, *, progress=print) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+        work.chmod(0o755)
     except OSError as e:
         raise DustinError(f"cache folder {root} is not writable ({e.strerror}); set DUSTIN_CACHE to a writable "
                           "folder") from None

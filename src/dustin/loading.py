@@ -241,7 +241,7 @@ def gguf_state_dict(reader, args: ModelArgs) -> dict[str, torch.Tensor]:
             name = f"layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
             if permute and parts[2] in ("attn_q", "attn_k"):
                 w = _unpermute_rope(w, args.n_heads if parts[2] == "attn_q" else args.n_kv_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+        state[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy: F32 tensors are read-only views
     return state
 
 

@@ -1,0 +1,37 @@
+"""The real default pair (Qwen2.5-Coder 0.5B draft, 1.5B target): loading and logits parity."""
+import pytest
+import torch
+
+from conftest import rel_err
+from dustin import defaults, load_model, load_tokenizer
+
+pytestmark = pytest.mark.real
+
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+def test_default_model_matches_transformers(role):
+    import transformers
+
+    model = load_model(f"default:{role}")
+    tok = load_tokenizer(f"default:{role}")
+    ids = torch.tensor([tok.encode(PROMPT)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(defaults.ensure_converted(role)), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours, ref = model(ids), hf(ids).logits
+    assert rel_err(ours, ref) < 1e-4
+    assert torch.equal(ours[0, -1].argmax(), ref[0, -1].argmax())
+
+
+def test_pair_shares_a_tokenizer_and_shapes():
+    draft, target = load_tokenizer("default:draft"), load_tokenizer("default:target")
+    assert draft.get_vocab() == target.get_vocab()
+    assert draft.decode(draft.encode(PROMPT)) == PROMPT
+    from dustin import load_args
+
+    t, d = load_args("default:target"), load_args("default:draft")
+    assert (t.n_layers, t.n_heads, t.n_kv_heads, t.head_dim) == (28, 12, 2, 128)
+    assert (d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim) == (24, 14, 2, 64)
+    assert t.rope_theta == d.rope_theta == 1e6 and not t.tie_word_embeddings
