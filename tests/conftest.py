@@ -48,3 +48,36 @@ def tiny_qwen(tmp_path):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny_args(**overrides):
+    from dustin import ModelArgs
+
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                rope_theta=10_000.0, max_position_embeddings=4096, qkv_bias=True)
+    return ModelArgs(**{**base, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    """A tiny random float32 model on the CPU, with weights large enough to give peaked distributions."""
+    from dustin.loading import random_model
+
+    model = random_model(tiny_args(**overrides), device=torch.device("cpu"), dtype=torch.float32, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(8.0)
+    return model
+
+
+def perturbed_copy(model, scale, seed=1):
+    """A draft that mostly agrees with `model`: same weights plus noise."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+    draft.cache = None
+    return draft

@@ -35,3 +35,19 @@ def test_pair_shares_a_tokenizer_and_shapes():
     assert (t.n_layers, t.n_heads, t.n_kv_heads, t.head_dim) == (28, 12, 2, 128)
     assert (d.n_layers, d.n_heads, d.n_kv_heads, d.head_dim) == (24, 14, 2, 64)
     assert t.rope_theta == d.rope_theta == 1e6 and not t.tie_word_embeddings
+
+
+def test_greedy_speculative_equals_autoregressive_on_the_real_pair():
+    from dustin.config import SpecConfig
+    from dustin.speculative import Generator
+
+    target, draft = load_model("default:target"), load_model("default:draft")
+    tok = load_tokenizer("default:target")
+    prompts = [PROMPT, "The capital of France is Paris. The capital of Italy is", "import numpy as np\n"]
+    n = 24
+    ar = Generator(target, None, SpecConfig(method="ar", max_new_tokens=n), tokenizer=tok).generate(prompts)
+    for method in ("sd", "magicdec"):
+        cfg = SpecConfig(method=method, gamma=4, max_new_tokens=n, draft_budget=12, draft_n_sink=4)
+        res = Generator(target, draft, cfg, tokenizer=tok, draft_tokenizer=tok).generate(prompts)
+        assert res.tokens == ar.tokens, method
+        assert res.stats.mean_tokens_per_step > 1.0

@@ -175,3 +175,40 @@ def _arch_from_model_type(model_type: str | None) -> str:
     return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
         model_type or "", f"unknown model_type {model_type!r}"
     )
+
+
+SPEC_METHODS = ("ar", "sd", "magicdec", "dustin")
+
+
+@dataclass
+class SpecConfig:
+    """How `Generator` decodes.
+
+    method: `ar` (target alone), `sd` (full-KV draft, full verification), `magicdec` (draft reads a
+    StreamingLLM set of sinks + recent tokens, full verification), `dustin` (sparse verification).
+    """
+
+    method: str = "sd"
+    gamma: int = 4  # draft tokens per step
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 128
+    stop_tokens: tuple[int, ...] | None = None  # None: the models' and tokenizer's EOS tokens
+    draft_budget: int = 512  # magicdec: KV entries the draft reads (n_sink sinks + the most recent)
+    draft_n_sink: int = 4
+    max_len: int | None = None  # cache capacity per sequence; None: longest prompt + max_new_tokens + slack
+
+    def validate(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise DustinError(f"unknown method {self.method!r}; choose one of {', '.join(SPEC_METHODS)}")
+        if self.gamma < 1:
+            raise DustinError(f"gamma must be >= 1 (draft tokens per step), got {self.gamma}")
+        if self.temperature < 0:
+            raise DustinError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise DustinError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise DustinError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
+            raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")

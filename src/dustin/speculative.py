@@ -1,0 +1,315 @@
+"""Batched speculative decoding where every sequence moves on its own.
+
+One step, for every live sequence `b` at once:
+1. the draft proposes `gamma` tokens, reading its whole cache (`sd`) or sinks + recent tokens (`magicdec`);
+2. the target verifies `[last, d_1..d_gamma]` in one pass, over its whole cache or a selected subset;
+3. greedy or speculative-sampling acceptance keeps `n_b` drafts plus one target token;
+4. each cache commits what was kept; the draft rolls back its rejected tokens.
+
+Invariant between steps: both caches hold every token of the sequence except `last`, with one
+exception: after a fully accepted step the draft also lacks `d_gamma`, which it feeds first next time.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .config import SpecConfig
+from .errors import DustinError
+from .model import Transformer
+from .sampling import greedy_accept, probs_from_logits, sample, speculative_accept
+from .selection import streaming_indices
+
+PHASES = ("prefill", "draft", "verify", "accept")
+
+
+@dataclass
+class SpecStats:
+    """What a `generate` call did: acceptance, tokens per step and where the time went."""
+
+    method: str
+    gamma: int
+    batch: int
+    steps: int = 0  # verification steps (target passes after prefill)
+    proposed: int = 0  # draft tokens proposed to live sequences
+    accepted: int = 0  # of those, accepted
+    new_tokens: int = 0  # tokens emitted over all sequences
+    per_step: Counter = field(default_factory=Counter)  # tokens a live sequence got from one step -> count
+    time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @property
+    def mean_tokens_per_step(self) -> float:
+        n = sum(self.per_step.values())
+        return sum(k * v for k, v in self.per_step.items()) / n if n else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(v for k, v in self.time.items() if k != "prefill")
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Emitted tokens over decoding time (prefill excluded), all sequences together."""
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "gamma": self.gamma, "batch": self.batch, "steps": self.steps,
+            "proposed": self.proposed, "accepted": self.accepted, "new_tokens": self.new_tokens,
+            "acceptance_rate": self.acceptance_rate, "mean_tokens_per_step": self.mean_tokens_per_step,
+            "tokens_per_step_histogram": {str(k): self.per_step[k] for k in sorted(self.per_step)},
+            "time_s": dict(self.time), "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens of each sequence
+    texts: list[str] | None  # decoded, when a tokenizer is known
+    finish_reasons: list[str]  # "stop" or "length"
+    stats: SpecStats
+
+
+class _Clock:
+    """Accumulates wall time per phase; synchronises CUDA so a phase owns the work it launched."""
+
+    def __init__(self, stats: SpecStats, device: torch.device):
+        self.stats, self.cuda = stats, device.type == "cuda"
+        self.phase, self.t0 = None, 0.0
+
+    def __call__(self, phase: str) -> "_Clock":
+        self.phase = phase
+        return self
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.stats.time[self.phase] += time.perf_counter() - self.t0
+
+
+class Generator:
+    """Speculative generation with a target and a draft model that share a tokenizer.
+
+    >>> gen = Generator(target, draft, SpecConfig(method="sd", gamma=4), tokenizer=tok)
+    >>> out = gen.generate(["def quicksort(xs):"])
+    >>> out.texts[0], out.stats.mean_tokens_per_step
+    """
+
+    def __init__(self, target: Transformer, draft: Transformer | None = None, config: SpecConfig | None = None,
+                 *, tokenizer=None, draft_tokenizer=None, vocab_size: int | None = None, policy=None):
+        self.config = config or SpecConfig()
+        self.config.validate()
+        if self.config.method != "ar" and draft is None:
+            raise DustinError(f"method {self.config.method!r} needs a draft model; pass one or use method='ar'")
+        if self.config.method == "dustin" and policy is None:
+            raise DustinError("method 'dustin' needs a selection policy; build one with dustin.selection")
+        self.target, self.draft, self.tokenizer, self.policy = target, draft, tokenizer, policy
+        self.vocab_size = self._shared_vocab(tokenizer, draft_tokenizer, vocab_size)
+
+    def _shared_vocab(self, tokenizer, draft_tokenizer, vocab_size) -> int:
+        vt = self.target.args.vocab_size
+        if self.draft is None or self.config.method == "ar":
+            return vt
+        vd = self.draft.args.vocab_size
+        if tokenizer is not None and draft_tokenizer is not None and tokenizer.get_vocab() != draft_tokenizer.get_vocab():
+            raise DustinError("draft and target tokenizers differ; speculative decoding needs one shared vocabulary")
+        if vt == vd:
+            return vt
+        # Families pad their embeddings to different sizes (Qwen2.5: 151936 vs 152064); that is fine
+        # when the real vocabulary fits both.
+        real = vocab_size or (len(tokenizer) if tokenizer is not None else None)
+        if real is None or real > min(vt, vd):
+            raise DustinError(
+                f"draft and target have different vocabularies ({vd} vs {vt} entries); if they share a "
+                "tokenizer whose vocabulary fits both, pass tokenizer= (or vocab_size=)"
+            )
+        return min(vt, vd)
+
+    # --- input handling ---------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise DustinError("no prompts given")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise DustinError("prompts are text but no tokenizer was given; pass tokenizer= or token ids")
+                p = self.tokenizer.encode(p)
+            p = [int(t) for t in p]
+            if not p:
+                raise DustinError(f"prompt {i} is empty; every sequence needs at least one token")
+            if min(p) < 0 or max(p) >= self.vocab_size:
+                raise DustinError(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size})")
+            out.append(p)
+        return out
+
+    def _stop_tokens(self) -> set[int]:
+        if self.config.stop_tokens is not None:
+            return set(self.config.stop_tokens)
+        stops = set(self.target.args.eos_token_id)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        return stops
+
+    def _setup(self, model: Transformer, batch: int, max_len: int) -> None:
+        c = model.cache
+        if c is not None and c.batch == batch and c.max_len == max_len:
+            c.reset()
+        else:
+            model.setup_cache(batch, max_len)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, *, max_new_tokens: int | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token lists); `on_tokens(row, tokens)` streams."""
+        cfg = self.config
+        max_new = max_new_tokens or cfg.max_new_tokens
+        if max_new < 1:
+            raise DustinError(f"max_new_tokens must be >= 1, got {max_new}")
+        prompts = self._encode(prompts)
+        B, dev, gamma = len(prompts), self.target.device, cfg.gamma
+        longest = max(len(p) for p in prompts)
+        need = longest + max_new + gamma + 2
+        max_len = cfg.max_len or need
+        if need > max_len:
+            raise DustinError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new}) needs a "
+                              f"cache of {need} positions, more than max_len={max_len}; raise max_len or shorten it")
+        use_draft = cfg.method != "ar"
+        for model in (self.target, self.draft) if use_draft else (self.target,):
+            if need > model.args.max_position_embeddings:
+                raise DustinError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new}) needs "
+                                  f"{need} positions but the model has {model.args.max_position_embeddings}; "
+                                  "shorten the prompt or generate fewer tokens")
+            self._setup(model, B, max_len)
+
+        stats = SpecStats(cfg.method, gamma if use_draft else 0, B)
+        clock = _Clock(stats, dev)
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        ids = torch.zeros(B, longest, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, device=dev)
+        with clock("prefill"):
+            self.target.prefill(ids[:, :-1], lens - 1)
+            if use_draft:
+                self.draft.prefill(ids[:, :-1], lens - 1)
+            if self.policy is not None:
+                self.policy.reset(self.target, self.draft, lens - 1)
+
+        last = ids.gather(1, (lens - 1)[:, None]).squeeze(1)
+        prev = last.clone()  # d_gamma of a fully accepted step, which the draft has not seen yet
+        behind = torch.zeros(B, dtype=torch.bool, device=dev)
+        active = torch.ones(B, dtype=torch.bool, device=dev)
+        out: list[list[int]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        stops = self._stop_tokens()
+
+        while bool(active.any()):
+            live = active.long()
+            if use_draft:
+                with clock("draft"):
+                    drafted, q = self._draft(last, prev, behind, live, gen)
+                with clock("verify"):
+                    indices = capture = None
+                    if self.policy is not None:
+                        indices, capture = self.policy.select(self.target), self.policy.target_capture()
+                    logits = self.target.decode(torch.cat([last[:, None], drafted], 1), indices=indices,
+                                                capture=capture)
+                with clock("accept"):
+                    n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
+                    self.target.commit((n_acc + 1) * live)
+                    self.draft.rollback((gamma - 1 - n_acc).clamp(min=0) * live)
+                    behind, prev = n_acc == gamma, drafted[:, -1]
+                    if self.policy is not None:
+                        self.policy.observe_target(self.target, capture, n_acc, live)
+            else:
+                with clock("verify"):
+                    logits = self.target.decode(last[:, None])
+                with clock("accept"):
+                    nxt = self._choose(logits[:, 0, : self.vocab_size], gen)
+                    n_acc = torch.zeros_like(nxt)
+                    drafted = nxt[:, None][:, :0]
+                    self.target.commit(live)
+            with clock("accept"):
+                last = nxt
+                self._emit(drafted, n_acc, nxt, active, out, reasons, stops, max_new, stats, on_tokens)
+
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out] if self.tokenizer else None
+        return GenerationResult(out, texts, reasons, stats)
+
+    def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """`[B, V]` logits -> `[B]` tokens: argmax when greedy, else a sample."""
+        if self.config.temperature == 0:
+            return logits.argmax(-1)
+        return sample(probs_from_logits(logits, self.config.temperature, self.config.top_p), gen)
+
+    def _draft(self, last, prev, behind, live, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Propose `gamma` tokens per sequence: `[B, gamma]` and their draft probabilities (None if greedy)."""
+        cfg, draft = self.config, self.draft
+        greedy = cfg.temperature == 0
+        # one pass of two tokens catches up on d_gamma where needed; elsewhere the second is padding
+        first = torch.where(behind[:, None], torch.stack([prev, last], 1), torch.stack([last, last], 1))
+        n_fed = behind.long() + 1
+        x, at = first, (n_fed - 1)[:, None]
+        tokens, probs = [], []
+        for i in range(cfg.gamma):
+            indices = None
+            if cfg.method == "magicdec":
+                indices = streaming_indices(draft.seq_lens, budget=cfg.draft_budget, n_sink=cfg.draft_n_sink)
+            capture = self.policy.draft_capture() if self.policy is not None else None
+            logits = draft.decode(x, indices=indices, logits_at=at, capture=capture)[:, 0, : self.vocab_size]
+            draft.commit((n_fed if i == 0 else 1) * live, check=False)
+            if capture is not None:
+                self.policy.observe_draft(draft, capture, at)
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                q = probs_from_logits(logits, cfg.temperature, cfg.top_p)
+                tok = sample(q, gen)
+                probs.append(q)
+            tokens.append(tok)
+            x, at = tok[:, None], None
+        return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
+
+    def _accept(self, drafted, q, logits, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        if q is None:
+            return greedy_accept(drafted, logits)
+        p = probs_from_logits(logits, self.config.temperature, self.config.top_p)
+        return speculative_accept(drafted, q, p, gen)
+
+    @staticmethod
+    def _emit(drafted, n_acc, nxt, active, out, reasons, stops, max_new, stats, on_tokens) -> None:
+        """Hand each live sequence its accepted drafts and the target token, cut at a stop or the limit."""
+        n_host, d_host, x_host = n_acc.tolist(), drafted.tolist(), nxt.tolist()
+        gamma = drafted.shape[1]
+        stats.steps += 1
+        for b in torch.nonzero(active).flatten().tolist():
+            n = n_host[b]
+            stats.proposed += gamma
+            stats.accepted += n
+            stats.per_step[n + 1] += 1
+            new = (d_host[b][:n] + [x_host[b]])[: max_new - len(out[b])]
+            stop_at = next((i for i, t in enumerate(new) if t in stops), None)
+            if stop_at is not None:
+                new, reasons[b] = new[: stop_at + 1], "stop"
+            out[b].extend(new)
+            stats.new_tokens += len(new)
+            if stop_at is not None or len(out[b]) >= max_new:
+                active[b] = False
+            if on_tokens is not None:
+                on_tokens(b, new)
