@@ -47,20 +47,126 @@ def cmd_models(args) -> None:
 
     t = Table(title="named shapes (use as random:<name>)")
     for col in ("name", "params", "layers", "q/kv heads", "head dim", "weights bf16", "KV/1k tok bf16"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "name")
     for name, a in SHAPES.items():
         t.add_row(name, f"{a.n_params() / 1e9:.2f} B", str(a.n_layers), f"{a.n_heads}/{a.n_kv_heads}",
                   str(a.head_dim), _gib(a.n_params() * 2), f"{a.kv_bytes_per_token(2) * 1024 / 2**20:.1f} MiB")
     console.print(t)
     d = Table(title="default pair")
     for col in ("source", "model", "chunk packages", "converted cache"):
-        d.add_column(col)
+        d.add_column(col, no_wrap=col == "source")
     for role, spec in defaults.DEFAULTS.items():
         n = len(spec.parts)
         have = sum(importlib.util.find_spec(f"{spec.module}{i}") is not None for i in range(1, n + 1))
         cached = str(defaults.converted_dir(spec)) if defaults.is_converted(spec) else "not yet"
         d.add_row(f"default:{role}", spec.description, f"{have}/{n} installed", cached)
     console.print(d)
+
+
+def _read_prompts(args, tokenizer) -> list[list[int]]:
+    from pathlib import Path
+
+    texts = list(args.prompt or [])
+    for f in args.prompt_file or []:
+        try:
+            texts.append(Path(f).read_text(encoding="utf-8", errors="replace"))
+        except OSError as e:
+            raise DustinError(f"cannot read prompt file {f} ({e.strerror})") from None
+    if not texts:
+        raise DustinError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    prompts = []
+    for text in texts:
+        if args.chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = tokenizer.encode(text)
+        if args.prompt_tokens:
+            ids = ids[: args.prompt_tokens]
+        prompts.append(ids)
+    return [prompts[i % len(prompts)] for i in range(max(args.batch, len(prompts)))]
+
+
+def _stats_table(stats) -> Table:
+    t = Table(title=f"{stats.method}: {stats.batch} sequence(s)", show_header=False)
+    t.add_row("new tokens", str(stats.new_tokens))
+    t.add_row("verification steps", str(stats.steps))
+    if stats.gamma:
+        hist = " ".join(f"{k}:{stats.per_step[k]}" for k in sorted(stats.per_step))
+        t.add_row("tokens per step (mean)", f"{stats.mean_tokens_per_step:.2f}")
+        t.add_row("tokens per step (histogram)", hist)
+        t.add_row("draft acceptance rate", f"{stats.acceptance_rate:.1%}")
+    t.add_row("time: " + " / ".join(stats.time), " / ".join(f"{v:.2f} s" for v in stats.time.values()))
+    t.add_row("decode tokens per second", f"{stats.tokens_per_second:.2f}")
+    return t
+
+
+def cmd_generate(args) -> None:
+    import json
+
+    import torch
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from .config import SpecConfig
+    from .loading import load_model, load_tokenizer
+    from .speculative import Generator
+
+    err = Console(stderr=True)
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    cfg = SpecConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, top_p=args.top_p,
+                     seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget)
+    cfg.validate()
+    with err.status("loading models ..."):
+        tokenizer = load_tokenizer(args.target)
+        target = load_model(args.target, device=args.device, dtype=dtype)
+        draft = None
+        if args.method != "ar":
+            draft = load_model(args.draft, device=args.device, dtype=dtype)
+    policy = None
+    prompts = _read_prompts(args, tokenizer)
+    err.print(f"{len(prompts)} prompt(s) of {', '.join(str(len(p)) for p in prompts[:4])}"
+              f"{'...' if len(prompts) > 4 else ''} tokens; method {args.method}, gamma {args.gamma}")
+    gen = Generator(target, draft, cfg, tokenizer=tokenizer, policy=policy)
+    streamed: list[list[int]] = [[] for _ in prompts]
+    live_view = err.is_terminal
+
+    def view():
+        text = tokenizer.decode(streamed[0], skip_special_tokens=True)
+        done = sum(len(s) for s in streamed)
+        total = args.max_new_tokens * len(prompts)
+        return Group(Text(text[-2000:]), Text(f"\n[{done}/{total} tokens]", style="dim"))
+
+    if live_view:
+        with Live(view(), console=err, refresh_per_second=8) as live:
+            def on_tokens(row, toks):
+                streamed[row].extend(toks)
+                live.update(view())
+            result = gen.generate(prompts, on_tokens=on_tokens)
+    else:
+        printed = [0]
+
+        def on_tokens(row, toks):
+            streamed[row].extend(toks)
+            if row == 0:
+                text = tokenizer.decode(streamed[0], skip_special_tokens=True)
+                sys.stdout.write(text[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(text)
+        result = gen.generate(prompts, on_tokens=on_tokens)
+        sys.stdout.write("\n")
+    if live_view or len(prompts) > 1:
+        for i, text in enumerate(result.texts):
+            console.rule(f"sequence {i} ({result.finish_reasons[i]})")
+            console.print(text, markup=False, highlight=False)
+    err.print(_stats_table(result.stats))
+    if args.stats_json:
+        record = {"config": vars(cfg), "target": args.target, "draft": args.draft,
+                  "prompt_tokens": [len(p) for p in prompts], "stats": result.stats.to_dict()}
+        with open(args.stats_json, "w") as f:
+            json.dump(record, f, indent=2, default=str)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("models", help="named shapes and the state of the default pair")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("generate", help="speculative generation, streamed, with statistics at the end")
+    s.add_argument("--target", default="default:target", help="target model source (default: %(default)s)")
+    s.add_argument("--draft", default="default:draft", help="draft model source (default: %(default)s)")
+    s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    s.add_argument("--prompt-file", action="append", help="file whose text is a prompt (repeatable)")
+    s.add_argument("--prompt-tokens", type=int, default=0, help="keep only the first N tokens of each prompt")
+    s.add_argument("--batch", type=int, default=1, help="repeat the prompts to fill a batch of this size")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    s.add_argument("--method", default="sd", choices=["ar", "sd", "magicdec", "dustin"])
+    s.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--stats-json", help="write the configuration and statistics to this JSON file")
+    s.set_defaults(func=cmd_generate)
     return p
 
 
