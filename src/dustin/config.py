@@ -212,3 +212,79 @@ class SpecConfig:
             raise DustinError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
+
+
+POLICIES = ("full", "dustin", "history", "lookahead", "oracle", "streaming", "snapkv", "quest")
+
+
+@dataclass
+class SelectionConfig:
+    """Which target KV entries a verification pass reads, and how they are chosen.
+
+    The Dustin split: `n_sink` first positions + `n_recent` last positions + top-`m` of the draft's
+    lookahead score + the rest of `budget` from the target's history score. Scores come from the
+    (layer -> heads) maps `target_heads` and `draft_heads` only.
+    """
+
+    policy: str = "dustin"
+    budget: int = 512
+    n_sink: int = 4
+    n_recent: int = 16
+    m: int = 128  # the draft's share of the budget
+    target_heads: dict[int, list[int]] = field(default_factory=dict)
+    draft_heads: dict[int, list[int]] = field(default_factory=dict)
+    history_query: str = "last"  # "last": the last committed token's query; "accepted": all accepted queries
+    adaptive: bool = False  # adjust m per sequence from what the last steps showed
+    adapt_rate: float = 0.5  # weight of the newest step's best split in the running m
+    adapt_grid: int = 9  # candidate splits evaluated per step
+    guard: float | None = None  # re-verify with the full cache when estimated recovery falls below this
+    oracle_shared: bool = False  # oracle: one set for all layers instead of one per layer and KV head
+    page_size: int = 16  # quest
+    snapkv_window: int = 32  # snapkv: observation window at the end of the prompt
+    snapkv_kernel: int = 7  # snapkv: pooling width over positions
+
+    @property
+    def fixed(self) -> int:
+        return self.n_sink + self.n_recent
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise DustinError(f"unknown selection policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.n_sink < 0 or self.n_recent < 1:
+            raise DustinError(f"n_sink must be >= 0 and n_recent >= 1, got {self.n_sink} and {self.n_recent}")
+        if self.budget <= self.fixed:
+            raise DustinError(f"budget ({self.budget}) must exceed n_sink + n_recent ({self.fixed})")
+        if self.policy == "dustin" and not 0 <= self.m <= self.budget - self.fixed:
+            raise DustinError(f"m must be between 0 and budget - n_sink - n_recent = {self.budget - self.fixed}, "
+                              f"got {self.m}")
+        if self.history_query not in ("last", "accepted"):
+            raise DustinError(f"history_query must be 'last' or 'accepted', got {self.history_query!r}")
+        if self.policy == "quest" and self.budget % self.page_size:
+            raise DustinError(f"quest needs a budget that is a multiple of page_size ({self.page_size})")
+        if self.guard is not None and not 0 < self.guard < 1:
+            raise DustinError(f"guard is a recovery threshold in (0, 1), got {self.guard}")
+        needs = {"dustin": "target_heads and draft_heads", "history": "target_heads", "lookahead": "draft_heads"}
+        if self.policy in needs:
+            if self.policy != "lookahead" and not self.target_heads:
+                raise DustinError(f"policy {self.policy!r} needs {needs[self.policy]}; load a tuned config "
+                                  "(dustin tune) or give the heads")
+            if self.policy != "history" and not self.draft_heads:
+                raise DustinError(f"policy {self.policy!r} needs {needs[self.policy]}; load a tuned config "
+                                  "(dustin tune) or give the heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_heads"] = {str(k): v for k, v in self.target_heads.items()}
+        d["draft_heads"] = {str(k): v for k, v in self.draft_heads.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SelectionConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise DustinError(f"unknown selection settings {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        for key in ("target_heads", "draft_heads"):
+            d[key] = {int(k): [int(h) for h in v] for k, v in d.get(key, {}).items()}
+        return cls(**d)

@@ -38,6 +38,7 @@ class SpecStats:
     proposed: int = 0  # draft tokens proposed to live sequences
     accepted: int = 0  # of those, accepted
     new_tokens: int = 0  # tokens emitted over all sequences
+    guarded: int = 0  # steps that the policy's guard re-verified with the whole cache
     per_step: Counter = field(default_factory=Counter)  # tokens a live sequence got from one step -> count
     time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
@@ -63,6 +64,7 @@ class SpecStats:
         return {
             "method": self.method, "gamma": self.gamma, "batch": self.batch, "steps": self.steps,
             "proposed": self.proposed, "accepted": self.accepted, "new_tokens": self.new_tokens,
+            "guarded": self.guarded,
             "acceptance_rate": self.acceptance_rate, "mean_tokens_per_step": self.mean_tokens_per_step,
             "tokens_per_step_histogram": {str(k): self.per_step[k] for k in sorted(self.per_step)},
             "time_s": dict(self.time), "tokens_per_second": self.tokens_per_second,
@@ -197,7 +199,7 @@ class Generator:
                                   "shorten the prompt or generate fewer tokens")
             self._setup(model, B, max_len)
 
-        stats = SpecStats(cfg.method, gamma if use_draft else 0, B)
+        stats = self.stats = SpecStats(cfg.method, gamma if use_draft else 0, B)
         clock = _Clock(stats, dev)
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         lens = torch.tensor([len(p) for p in prompts], device=dev)
@@ -209,7 +211,7 @@ class Generator:
             if use_draft:
                 self.draft.prefill(ids[:, :-1], lens - 1)
             if self.policy is not None:
-                self.policy.reset(self.target, self.draft, lens - 1)
+                self.policy.reset(self.target, self.draft, ids, lens - 1)
 
         last = ids.gather(1, (lens - 1)[:, None]).squeeze(1)
         prev = last.clone()  # d_gamma of a fully accepted step, which the draft has not seen yet
@@ -225,18 +227,15 @@ class Generator:
                 with clock("draft"):
                     drafted, q = self._draft(last, prev, behind, live, gen)
                 with clock("verify"):
-                    indices = capture = None
-                    if self.policy is not None:
-                        indices, capture = self.policy.select(self.target), self.policy.target_capture()
-                    logits = self.target.decode(torch.cat([last[:, None], drafted], 1), indices=indices,
-                                                capture=capture)
+                    tokens = torch.cat([last[:, None], drafted], 1)
+                    logits = self._verify(tokens)
                 with clock("accept"):
                     n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
+                    if self.policy is not None:
+                        self.policy.observe_target(self.target, self._capture, n_acc, live)
                     self.target.commit((n_acc + 1) * live)
                     self.draft.rollback((gamma - 1 - n_acc).clamp(min=0) * live)
                     behind, prev = n_acc == gamma, drafted[:, -1]
-                    if self.policy is not None:
-                        self.policy.observe_target(self.target, capture, n_acc, live)
             else:
                 with clock("verify"):
                     logits = self.target.decode(last[:, None])
@@ -251,6 +250,20 @@ class Generator:
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out] if self.tokenizer else None
         return GenerationResult(out, texts, reasons, stats)
+
+    def _verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The target's pass over `[last, drafts]`: sparse when the policy selects, full otherwise or when
+        its guard asks. Returns `[B, gamma + 1, V]` logits."""
+        if self.policy is None:
+            self._capture = None
+            return self.target.decode(tokens)
+        indices = self.policy.select(self.target, tokens)
+        self._capture = self.policy.target_capture()
+        logits = self.target.decode(tokens, indices=indices, capture=self._capture)
+        if self.policy.needs_full(self.target, self._capture) and indices is not None:
+            self.stats.guarded += 1
+            logits = self.target.decode(tokens)
+        return logits
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`[B, V]` logits -> `[B]` tokens: argmax when greedy, else a sample."""
@@ -273,9 +286,9 @@ class Generator:
                 indices = streaming_indices(draft.seq_lens, budget=cfg.draft_budget, n_sink=cfg.draft_n_sink)
             capture = self.policy.draft_capture() if self.policy is not None else None
             logits = draft.decode(x, indices=indices, logits_at=at, capture=capture)[:, 0, : self.vocab_size]
-            draft.commit((n_fed if i == 0 else 1) * live, check=False)
             if capture is not None:
                 self.policy.observe_draft(draft, capture, at)
+            draft.commit((n_fed if i == 0 else 1) * live, check=False)
             if greedy:
                 tok = logits.argmax(-1)
             else:

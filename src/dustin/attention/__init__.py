@@ -45,3 +45,18 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
     if indices is None:
         return reference.dense_attention(q, k_cache, v_cache, seq_lens)
     return reference.sparse_attention(q, k_cache, v_cache, seq_lens, indices)
+
+
+def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads: torch.Tensor, *,
+          backend: str = "torch") -> torch.Tensor:
+    """Full-context attention probabilities of chosen heads, summed over the heads: one score per
+    query and position.
+
+    q: `[B, h, T, D]`; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` committed lengths (query `t` sees
+    positions `<= seq_lens[b] + t`); kv_heads: `[h]` KV head of each query head. Returns `[B, T, S]` float32.
+    """
+    if backend == "triton":
+        from . import kernels
+
+        return kernels.score_positions(q, k_cache, seq_lens, kv_heads)
+    return reference.position_scores(q, k_cache, seq_lens, kv_heads)

@@ -74,3 +74,14 @@ def attention_probs(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     logits = torch.einsum("bhtd,bhld->bhtl", q.float(), k) / math.sqrt(D)
     mask = new_token_mask(seq_lens, T, length)[:, None]
     return logits.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def position_scores(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor,
+                    kv_heads: torch.Tensor) -> torch.Tensor:
+    """Per-query, per-position importance: full-context attention probabilities summed over chosen heads.
+
+    q: `[B, h, T, D]` queries of the chosen heads; k_cache: `[B, Hkv, S, D]`; kv_heads: `[h]`.
+    Returns `[B, T, S]` float32, zero where a query cannot see.
+    """
+    scores = attention_probs(q, k_cache, seq_lens, kv_heads).sum(1)  # [B, T, L]
+    return F.pad(scores, (0, k_cache.shape[2] - scores.shape[2]))
