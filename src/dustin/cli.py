@@ -102,6 +102,24 @@ def _stats_table(stats) -> Table:
     return t
 
 
+def _selection(args, target, draft):
+    """The selection config for `--method dustin`: a tuned config, with command-line overrides."""
+    from .selection.tuning import TunedConfig
+
+    path = args.selection_config
+    if path is None and args.target == "default:target" and args.draft == "default:draft":
+        path = _packaged("config", "default")
+    if path is None:
+        raise DustinError("--method dustin needs a tuned config for this pair; make one with `dustin tune` and "
+                          "pass --selection-config")
+    overrides = {"policy": args.policy}
+    if args.adaptive:
+        overrides["adaptive"] = True
+    if args.guard is not None:
+        overrides["guard"] = args.guard
+    return TunedConfig.load(path).selection_config(target, draft, budget=args.budget, **overrides)
+
+
 def cmd_generate(args) -> None:
     import json
 
@@ -126,6 +144,10 @@ def cmd_generate(args) -> None:
         if args.method != "ar":
             draft = load_model(args.draft, device=args.device, dtype=dtype)
     policy = None
+    if args.method == "dustin":
+        from .selection import make_policy
+
+        policy = make_policy(_selection(args, target, draft))
     prompts = _read_prompts(args, tokenizer)
     err.print(f"{len(prompts)} prompt(s) of {', '.join(str(len(p)) for p in prompts[:4])}"
               f"{'...' if len(prompts) > 4 else ''} tokens; method {args.method}, gamma {args.gamma}")
@@ -169,6 +191,105 @@ def cmd_generate(args) -> None:
             json.dump(record, f, indent=2, default=str)
 
 
+def cmd_profile_heads(args) -> None:
+    from .eval.haystack import load_texts
+    from .loading import load_model, load_tokenizer
+    from .selection.heads import profile_heads
+
+    texts = load_texts(args.data)
+    with console.status(f"loading {args.model} ..."):
+        model = load_model(args.model, device=args.device)
+        tokenizer = load_tokenizer(args.model)
+
+    def progress(done, total, ok, answer):
+        console.print(f"[{done}/{total}] retrieved {ok}: {answer.strip()[:60]!r}", highlight=False)
+
+    prof = profile_heads(model, tokenizer, texts, samples=args.samples, context=args.context, seed=args.seed,
+                         progress=progress)
+    prof.settings["source"] = args.model
+    prof.save(args.out)
+    console.print(f"{prof.successful}/{prof.samples} runs retrieved the needle; {prof.seconds:.0f} s; wrote {args.out}")
+    for layer, heads in prof.top_heads().items():
+        console.print(f"layer {layer:2d}: heads {heads}  score {max(prof.scores[layer]):.3f}", highlight=False)
+
+
+def _packaged(kind: str, source: str) -> str | None:
+    """The profile or tuned config shipped for a default model, if `source` is one."""
+    from importlib.resources import files
+
+    names = {"default:draft": "qwen2.5-coder-0.5b-instruct", "default:target": "qwen2.5-coder-1.5b-instruct"}
+    name = names.get(source) if kind == "profile" else ("default-pair" if source == "default" else None)
+    if name is None:
+        return None
+    path = files("dustin") / "data" / ("profiles" if kind == "profile" else "configs") / f"{name}.json"
+    return str(path) if path.is_file() else None
+
+
+def trace_prompts(tokenizer, texts: dict[str, str], *, n: int, context: int, seed: int) -> list[list[int]]:
+    """Half book continuations, half needle questions, of about `context` tokens."""
+    import random
+
+    from .eval import haystack
+
+    rng = random.Random(seed)
+    names = sorted(texts)
+    prompts = []
+    for i in range(n):
+        text = texts[names[i % len(names)]]
+        if i % 2 == 0:
+            prompts.append(haystack.cut(tokenizer, text, context, rng))
+        else:
+            needle, question = haystack.passkey_needle(rng)
+            prompts.append(haystack.build(tokenizer, text, n_tokens=context, needles=[needle],
+                                          depths=[rng.random()], question=question, rng=rng).ids)
+    return prompts
+
+
+def cmd_tune(args) -> None:
+    import time
+
+    from .config import SpecConfig
+    from .eval.haystack import load_texts
+    from .loading import load_model, load_tokenizer
+    from .selection.heads import HeadProfile
+    from .selection.tuning import TraceRecorder, make_tuned, search
+    from .speculative import Generator
+
+    t_prof = args.target_profile or _packaged("profile", args.target)
+    d_prof = args.draft_profile or _packaged("profile", args.draft)
+    if not t_prof or not d_prof:
+        raise DustinError("tune needs head profiles of both models; make them with `dustin profile-heads` and "
+                          "pass --target-profile and --draft-profile")
+    texts = load_texts(args.data)
+    with console.status("loading models ..."):
+        target, draft = load_model(args.target, device=args.device), load_model(args.draft, device=args.device)
+        tokenizer = load_tokenizer(args.target)
+    t_heads = HeadProfile.load(t_prof, target).top_heads(args.heads)
+    d_heads = HeadProfile.load(d_prof, draft).top_heads(args.heads)
+    prompts = trace_prompts(tokenizer, texts, n=args.prompts, context=args.context, seed=args.seed)
+    start = time.perf_counter()
+    recorder = TraceRecorder(t_heads, d_heads)
+    gen = Generator(target, draft, SpecConfig(method="dustin", gamma=args.gamma, max_new_tokens=args.new_tokens),
+                    tokenizer=tokenizer, policy=recorder)
+    for i, p in enumerate(prompts):
+        gen.generate([p])
+        console.print(f"[{i + 1}/{len(prompts)}] traced {len(recorder.rows)} steps so far "
+                      f"({time.perf_counter() - start:.0f} s)")
+    traced = time.perf_counter() - start
+    result = search(recorder.traces(), budget=args.budget, n_sink=args.n_sink, n_recent=args.n_recent,
+                    trials=args.trials, seed=args.seed)
+    seconds = time.perf_counter() - start
+    settings = {"trace_seconds": traced, "search_seconds": seconds - traced, "prompts": args.prompts,
+                "context": args.context, "new_tokens": args.new_tokens, "gamma": args.gamma, "heads_per_layer": args.heads,
+                "target_source": args.target, "draft_source": args.draft}
+    tuned = make_tuned(target, draft, t_heads, d_heads, result, budget=args.budget, n_sink=args.n_sink,
+                       n_recent=args.n_recent, seconds=seconds, settings=settings)
+    tuned.save(args.out)
+    console.print(f"target layer {result['target_layer']}, draft layers {result['draft_layers']}, m {result['m']} of "
+                  f"{args.budget - args.n_sink - args.n_recent}: recovery {result['recovery']:.3f} (history only "
+                  f"{result['recovery_history_only']:.3f}); {seconds / 60:.1f} min; wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dustin", description="Long-context batched speculative decoding with "
                                 "draft-augmented sparse verification.")
@@ -196,10 +317,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
+    s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
+    s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
+                   "oracle, streaming, snapkv, quest, full)")
+    s.add_argument("--budget", type=int, help="dustin: KV entries verification reads (default: the tuned budget)")
+    s.add_argument("--adaptive", action="store_true", help="dustin: adapt the split m per sequence")
+    s.add_argument("--guard", type=float, help="dustin: re-verify in full below this estimated recovery")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--stats-json", help="write the configuration and statistics to this JSON file")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("profile-heads", help="find retrieval heads (CompressKV procedure) and write a JSON profile")
+    s.add_argument("--model", required=True, help="model source")
+    s.add_argument("--data", help="text file or folder of .txt files for haystacks (default: the books)")
+    s.add_argument("--samples", type=int, default=8, help="needle prompts")
+    s.add_argument("--context", type=int, default=2048, help="tokens per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", required=True, help="JSON file to write")
+    s.set_defaults(func=cmd_profile_heads)
+
+    s = sub.add_parser("tune", help="choose target/draft scoring layers and the split m from verification traces")
+    s.add_argument("--target", default="default:target")
+    s.add_argument("--draft", default="default:draft")
+    s.add_argument("--target-profile", help="head profile JSON of the target (default: the shipped one)")
+    s.add_argument("--draft-profile", help="head profile JSON of the draft (default: the shipped one)")
+    s.add_argument("--heads", type=int, default=4, help="retrieval heads per layer")
+    s.add_argument("--data", help="text file or folder for the trace prompts (default: the books)")
+    s.add_argument("--prompts", type=int, default=6)
+    s.add_argument("--context", type=int, default=2048, help="tokens per trace prompt")
+    s.add_argument("--new-tokens", type=int, default=48, help="tokens generated per trace prompt")
+    s.add_argument("--gamma", type=int, default=4)
+    s.add_argument("--budget", type=int, default=64, help="budget the split is tuned at")
+    s.add_argument("--n-sink", type=int, default=4)
+    s.add_argument("--n-recent", type=int, default=16)
+    s.add_argument("--trials", type=int, default=40, help="Optuna trials for m")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", required=True, help="JSON file to write")
+    s.set_defaults(func=cmd_tune)
     return p
 
 

@@ -22,7 +22,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _triton_ready() -> bool:
     try:
-        from . import kernels  # noqa: F401
+        from . import decode  # noqa: F401
     except ImportError:
         return False
     return True
@@ -37,11 +37,11 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
     `[B, budget]` / `[B, Hkv, budget]` positions to read besides the new tokens. Returns `[B, Hq, T, D]`.
     """
     if backend == "triton":
-        from . import kernels
+        from . import decode
 
         if indices is None:
-            return kernels.decode_attention(q, k_cache, v_cache, seq_lens)
-        return kernels.sparse_attention(q, k_cache, v_cache, seq_lens, indices)
+            return decode.decode_attention(q, k_cache, v_cache, seq_lens, check=False)
+        return decode.sparse_attention(q, k_cache, v_cache, seq_lens, indices, check=False)
     if indices is None:
         return reference.dense_attention(q, k_cache, v_cache, seq_lens)
     return reference.sparse_attention(q, k_cache, v_cache, seq_lens, indices)
@@ -56,7 +56,7 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_hea
     positions `<= seq_lens[b] + t`); kv_heads: `[h]` KV head of each query head. Returns `[B, T, S]` float32.
     """
     if backend == "triton":
-        from . import kernels
+        from . import scoring
 
-        return kernels.score_positions(q, k_cache, seq_lens, kv_heads)
+        return scoring.score_positions(q, k_cache, seq_lens, kv_heads, check=False)
     return reference.position_scores(q, k_cache, seq_lens, kv_heads)

@@ -1,0 +1,210 @@
+"""Triton: attention of `T = gamma + 1` new queries per sequence over its whole cache or over an index set.
+
+One kernel serves both cases. A program owns one (sequence, KV head) and one split of the keys it
+reads; the rows of its tile are all query heads of the KV group times all new tokens, so every key and
+value is read once for the whole group. Splits (flash-decoding) fill the GPU at small batch; a second
+small kernel merges them. References: `reference.dense_attention`, `reference.sparse_attention`.
+
+    >>> out = decode_attention(q, k_cache, v_cache, seq_lens)            # == reference.dense_attention
+    >>> out = sparse_attention(q, k_cache, v_cache, seq_lens, indices)   # == reference.sparse_attention
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import DustinError
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse,
+                 s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
+                 n_kv_heads, n_budget, scale,
+                 T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // n_kv_heads
+    h = pid % n_kv_heads
+    L = tl.load(SeqLens + b)
+    rows = tl.arange(0, BLOCK_M)
+    t = rows % T
+    row_ok = rows < G * T
+    d = tl.arange(0, D)
+    q_ptr = Q + b * s_qb + (h * G + rows // T)[:, None] * s_qh + t[:, None] * s_qt + d[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+
+    # the keys this program reads: the index set then the new tokens (sparse), or the cache up to L + T
+    if SPARSE:
+        n_keys = n_budget + T
+    else:
+        n_keys = L + T
+    per = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per
+    hi = tl.minimum(lo + per, n_keys)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        in_range = offs < hi
+        if SPARSE:
+            is_new = offs >= n_budget
+            idx = tl.load(Idx + b * s_ib + h * s_ih + offs, mask=in_range & (offs < n_budget), other=-1)
+            pos = tl.where(is_new, L + offs - n_budget, idx)
+            col_ok = in_range & (is_new | ((idx >= 0) & (idx < L)))
+            visible = col_ok[None, :] & ((offs[None, :] - n_budget) <= t[:, None])
+        else:
+            pos = offs
+            col_ok = in_range
+            visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None])
+        k = tl.load(K + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(qk - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if N_SPLITS == 1:
+        out = acc / l_i[:, None]
+        o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (pid * N_SPLITS + split) * BLOCK_M
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None])
+        tl.store(PartLse + part + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
+
+
+@triton.jit
+def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
+                    T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    N_SPLITS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // n_kv_heads
+    h = pid % n_kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    base = pid * N_SPLITS * BLOCK_M
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in tl.static_range(N_SPLITS):
+        m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows))
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for s in tl.static_range(N_SPLITS):
+        w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows) - m)
+        total += w
+        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :])
+    row_ok = rows < G * T
+    o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
+    tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, *, min_keys: int = 512) -> int:
+    """Splits per (sequence, KV head): enough programs for about four waves, each split >= `min_keys` keys."""
+    programs = batch * n_kv_heads
+    want = max(1, (4 * _sm_count(device) + programs - 1) // programs)
+    return int(max(1, min(want, n_keys // min_keys, 32)))
+
+
+def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise DustinError(f"expected q [B, Hq, T, D] and k/v caches [B, Hkv, S, D] of one shape, got "
+                          f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, Hq, T, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or Hq % k_cache.shape[1]:
+        raise DustinError(f"q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise DustinError(f"q, k and v need one floating dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device == seq_lens.device):
+        raise DustinError("q, the caches and seq_lens must be on one device")
+    if D & (D - 1) or D < 16 or T > 16 or T < 1:
+        raise DustinError(f"kernels take head dims that are powers of two >= 16 and 1..16 new tokens, got D={D}, T={T}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise DustinError(f"{name} needs a contiguous last dimension")
+    if seq_lens.shape != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise DustinError(f"seq_lens must be an integer tensor of shape ({B},), got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if indices is not None:
+        if indices.dim() not in (2, 3) or indices.shape[0] != B or (indices.dim() == 3 and indices.shape[1] not in (1, k_cache.shape[1])):
+            raise DustinError(f"indices must be [B, budget] or [B, Hkv, budget], got {tuple(indices.shape)}")
+        if indices.dtype not in (torch.int32, torch.int64) or indices.device != q.device or indices.stride(-1) != 1:
+            raise DustinError("indices must be a contiguous integer tensor on the device of q")
+
+
+def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, check):
+    if check:
+        _check(q, k_cache, v_cache, seq_lens, indices)
+        # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
+        if int(seq_lens.max()) + q.shape[2] > k_cache.shape[2] or int(seq_lens.min()) < 0:
+            raise DustinError(f"seq_lens + {q.shape[2]} new tokens exceed the cache of {k_cache.shape[2]} positions")
+    B, Hq, T, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = Hq // Hkv
+    block_m = max(16, triton.next_power_of_2(G * T))
+    sparse = indices is not None
+    n_keys = (indices.shape[-1] if sparse else k_cache.shape[2]) + T
+    if n_splits is None:
+        n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=128 if sparse else 512)
+    if block_n is None:
+        block_n = 64 if D >= 128 else 128
+    out = torch.empty_like(q)
+    if sparse:
+        idx = indices if indices.dim() == 3 else indices[:, None]
+        s_ib, s_ih, n_budget = idx.stride(0), (idx.stride(1) if idx.shape[1] > 1 else 0), idx.shape[-1]
+    else:
+        idx, s_ib, s_ih, n_budget = seq_lens, 0, 0, 0
+    part_o = part_lse = out
+    if n_splits > 1:
+        part_o = torch.empty(B * Hkv * n_splits * block_m, D, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(B * Hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
+    _attn_kernel[(B * Hkv, n_splits)](
+        q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
+        out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, LOG2E / math.sqrt(D),
+        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse,
+        num_warps=num_warps, num_stages=num_stages)
+    if n_splits > 1:
+        _combine_kernel[(B * Hkv,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
+                                    T=T, G=G, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
+                     n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                     num_stages: int = 3, check: bool = True) -> torch.Tensor:
+    """Full-cache attention of `T` new queries per sequence (causal among them).
+
+    q: `[B, Hq, T, D]`; k_cache, v_cache: `[B, Hkv, S, D]` with the new tokens written at
+    `seq_lens[b] + t`; seq_lens: `[B]`. Returns `[B, Hq, T, D]`. `check=False` skips the input checks
+    (and their host sync) on a hot path whose shapes are already known good.
+    """
+    return _launch(q, k_cache, v_cache, seq_lens, None, n_splits=n_splits, block_n=block_n,
+                   num_warps=num_warps, num_stages=num_stages, check=check)
+
+
+def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
+    """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
+    are skipped) plus the `T` new tokens. Shapes as `decode_attention`."""
+    return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
+                   num_warps=num_warps, num_stages=num_stages, check=check)

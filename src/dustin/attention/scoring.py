@@ -1,0 +1,144 @@
+"""Triton: full-context attention probabilities of a few chosen heads, summed to one score per position.
+
+Two launches. The first reads each needed key once: a program owns one (sequence, KV head) and a split
+of the positions, its tile rows are the chosen heads of that KV group times the queries; it writes the
+scaled logits (float32) and per-split softmax statistics. The second merges the statistics and writes
+`sum_heads softmax(logits)` per query and position. Reference: `reference.position_scores`.
+
+    >>> s = score_positions(q, k_cache, seq_lens, kv_heads)   # == reference.position_scores
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import DustinError
+from .decode import LOG2E, plan_splits
+
+
+@triton.jit
+def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, PartM, PartL,
+                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, scale,
+                   T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // n_groups
+    grp = pid % n_groups
+    L = tl.load(SeqLens + b)
+    kvh = tl.load(GroupKv + grp)
+    rows = tl.arange(0, BLOCK_M)
+    t = rows % T
+    head = tl.load(GroupHeads + grp * HG + rows // T, mask=rows < HG * T, other=-1)
+    row_ok = head >= 0
+    d = tl.arange(0, D)
+    q = tl.load(Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
+    n_keys = L + T
+    per = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per
+    hi = tl.minimum(lo + per, n_keys)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        col_ok = offs < hi
+        k = tl.load(K + b * s_kb + kvh * s_kh + offs[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale
+        visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None]) & row_ok[:, None]
+        qk = tl.where(visible, qk, float("-inf"))
+        tl.store(Logits + b * s_lb + head[:, None] * s_lh + t[:, None] * s_lt + offs[None, :], qk,
+                 mask=row_ok[:, None] & col_ok[None, :])
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
+        m_i = m_new
+    part = ((b * n_heads + head) * T + t) * N_SPLITS + split
+    tl.store(PartM + part, m_i, mask=row_ok)
+    tl.store(PartL + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _normalize_kernel(Logits, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S,
+                      H: tl.constexpr, T: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    L = tl.load(SeqLens + b)
+    pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    in_cache = pos < S
+    splits = tl.arange(0, N_SPLITS)
+    for t in tl.static_range(T):
+        total = tl.zeros([BLOCK_S], tl.float32)
+        visible = in_cache & (pos <= L + t)
+        for h in tl.static_range(H):
+            part = ((b * H + h) * T + t) * N_SPLITS + splits
+            pm = tl.load(PartM + part)
+            m = tl.max(pm, 0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            denom = tl.sum(tl.load(PartL + part) * tl.exp2(pm - m_safe), 0)
+            x = tl.load(Logits + b * s_lb + h * s_lh + t * s_lt + pos, mask=visible, other=float("-inf"))
+            total += tl.exp2(x - m_safe) / denom
+        tl.store(Out + b * s_ob + t * s_ot + pos, tl.where(visible, total, 0.0), mask=in_cache)
+
+
+@lru_cache(maxsize=64)
+def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen heads grouped by the KV head they read, as device tables made once (no copies inside a
+    captured graph): `[n_groups, max heads per group]` head numbers (-1 padded) and `[n_groups]` KV heads."""
+    by_kv: dict[int, list[int]] = {}
+    for i, kv in enumerate(kv_heads):
+        by_kv.setdefault(kv, []).append(i)
+    hg = max(len(g) for g in by_kv.values())
+    table = torch.tensor([g + [-1] * (hg - len(g)) for g in by_kv.values()], dtype=torch.int32, device=device)
+    return table, torch.tensor(list(by_kv), dtype=torch.int32, device=device)
+
+
+def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
+                    n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                    num_stages: int = 3, check: bool = True) -> torch.Tensor:
+    """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
+
+    q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
+    sees positions `<= seq_lens[b] + t`); kv_heads: the KV head of each chosen head (list or tensor).
+    Returns `[B, T, S]` float32, zero where a query cannot see.
+    """
+    kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
+    B, H, T, D = q.shape
+    S = k_cache.shape[2]
+    if check:
+        if k_cache.dim() != 4 or k_cache.shape[0] != B or k_cache.shape[3] != D or len(kv_heads) != H:
+            raise DustinError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)} and {len(kv_heads)} KV heads "
+                              "do not fit together")
+        if not all(0 <= kv < k_cache.shape[1] for kv in kv_heads):
+            raise DustinError(f"kv_heads {kv_heads} out of range for {k_cache.shape[1]} KV heads")
+        if q.dtype != k_cache.dtype or q.device != k_cache.device or q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+            raise DustinError("q and k_cache need one dtype, one device and contiguous last dimensions")
+        if D & (D - 1) or D < 16 or not 1 <= T <= 16 or seq_lens.shape != (B,):
+            raise DustinError(f"need D a power of two >= 16, 1..16 queries and seq_lens [B]; got D={D}, T={T}")
+        if int(seq_lens.max()) + T > S or int(seq_lens.min()) < 0:
+            raise DustinError(f"seq_lens + {T} queries exceed the cache of {S} positions")
+    table, kv = _groups(kv_heads, q.device)
+    n_groups, hg = table.shape
+    block_m = max(16, triton.next_power_of_2(hg * T))
+    if n_splits is None:
+        n_splits = triton.next_power_of_2(plan_splits(B, n_groups, S, q.device))
+    if block_n is None:
+        block_n = 64 if D >= 128 else 128
+    logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
+    part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    _logits_kernel[(B * n_groups, n_splits)](
+        q, k_cache, seq_lens, table, kv, logits, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, LOG2E / math.sqrt(D),
+        T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits,
+        num_warps=num_warps, num_stages=num_stages)
+    out = torch.empty(B, T, S, device=q.device, dtype=torch.float32)
+    block_s = 1024
+    _normalize_kernel[(B, triton.cdiv(S, block_s))](
+        logits, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
+        out.stride(0), out.stride(1), S, H=H, T=T, N_SPLITS=n_splits, BLOCK_S=block_s, num_warps=4)
+    return out

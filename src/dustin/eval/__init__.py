@@ -1,0 +1,1 @@
+"""Accuracy evaluation on real models: perplexity, retrieval, agreement, acceptance, recovery."""

@@ -1,0 +1,124 @@
+"""Retrieval-head profiling, after CompressKV: which heads look at a needle while the model retrieves it.
+
+For needle-in-a-haystack prompts, decode greedily with attention probabilities on. Whenever the token
+just generated is one of the needle's tokens, add to every (layer, head) the attention mass that head
+put on the whole needle span. Average over the runs that answered correctly (ROUGE-1 recall > 0.5)
+and keep the top heads of each layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..attention import reference
+from ..errors import DustinError
+from ..eval import haystack
+from ..model import Transformer
+from .metrics import capture_all
+
+
+def fingerprint(model: Transformer) -> dict:
+    """Identifies a model: its shape and a hash of part of its embedding table."""
+    a = model.args
+    sample = model.embed_tokens.weight[:64].detach().float().cpu().numpy().tobytes()
+    return {"architecture": a.architecture, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+            "head_dim": a.head_dim, "dim": a.dim, "vocab_size": a.vocab_size,
+            "embedding_sha256": hashlib.sha256(sample).hexdigest()}
+
+
+def check_fingerprint(found: dict, model: Transformer, what: str) -> None:
+    mine = fingerprint(model)
+    # the hash tolerates nothing; shapes tell the user which model the file was made for
+    if found != mine:
+        raise DustinError(f"this {what} was made for another model ({found.get('architecture')}, "
+                          f"{found.get('n_layers')} layers, {found.get('n_heads')} heads, embedding hash "
+                          f"{str(found.get('embedding_sha256'))[:12]}) than the one loaded ({mine['architecture']}, "
+                          f"{mine['n_layers']} layers, {mine['n_heads']} heads, {mine['embedding_sha256'][:12]}); "
+                          "profile or tune this model first")
+
+
+@dataclass
+class HeadProfile:
+    model: dict
+    scores: list[list[float]]  # [n_layers][n_heads], mean needle attention while retrieving
+    samples: int
+    successful: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    def top_heads(self, k: int = 4) -> dict[int, list[int]]:
+        s = torch.tensor(self.scores)
+        return {layer: sorted(s[layer].topk(min(k, s.shape[1])).indices.tolist()) for layer in range(s.shape[0])}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, model: Transformer | None = None) -> "HeadProfile":
+        try:
+            d = json.loads(Path(path).read_text())
+            prof = cls(**d)
+        except FileNotFoundError:
+            raise DustinError(f"no head profile at {path}; make one with `dustin profile-heads`") from None
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DustinError(f"{path} is not a head profile ({e})") from None
+        if model is not None:
+            check_fingerprint(prof.model, model, "head profile")
+        return prof
+
+
+@torch.no_grad()
+def profile_heads(model: Transformer, tokenizer, texts: dict[str, str], *, samples: int = 8, context: int = 2048,
+                  max_new_tokens: int = 12, seed: int = 0, progress=None) -> HeadProfile:
+    """Run the CompressKV procedure on `samples` needle prompts of about `context` tokens."""
+    if samples < 1 or context < 128:
+        raise DustinError(f"profiling needs samples >= 1 and context >= 128, got {samples} and {context}")
+    rng = random.Random(seed)
+    a = model.args
+    total = torch.zeros(a.n_layers, a.n_heads)
+    ok = 0
+    start = time.perf_counter()
+    names = sorted(texts)
+    stops = set(a.eos_token_id) | set(tokenizer.encode("\n"))
+    for i in range(samples):
+        needle, question = haystack.passkey_needle(rng)
+        depth = (i + 0.5) / samples
+        hay = haystack.build(tokenizer, texts[names[i % len(names)]], n_tokens=context, needles=[needle],
+                             depths=[depth], question=question, rng=rng)
+        span = set(hay.ids[needle.start:needle.end])
+        model.setup_cache(1, len(hay.ids) + max_new_tokens + 1)
+        model.prefill(torch.tensor([hay.ids[:-1]], device=model.device))
+        last, out = hay.ids[-1], []
+        acc, hits = torch.zeros(a.n_layers, a.n_heads), 0
+        for _ in range(max_new_tokens):
+            capture = capture_all(model)
+            logits = model.decode(torch.tensor([[last]], device=model.device), capture=capture)
+            last = int(logits[0, -1].argmax())
+            if last in span:
+                hits += 1
+                for layer in range(a.n_layers):
+                    probs = reference.attention_probs(capture.q[layer], model.cache.k[layer], model.seq_lens)
+                    acc[layer] += probs[0, :, 0, needle.start:needle.end].sum(-1).cpu()
+            model.commit(1)
+            if last in stops:
+                break
+            out.append(last)
+        answer = tokenizer.decode(out)
+        if hits and haystack.rouge1_recall(answer, needle.answer) > 0.5:
+            total += acc / hits
+            ok += 1
+        if progress is not None:
+            progress(i + 1, samples, ok, answer)
+    if ok == 0:
+        raise DustinError(f"the model retrieved none of the {samples} needles; profiling needs successful runs "
+                          "(try a shorter --context or more --samples)")
+    return HeadProfile(model=fingerprint(model), scores=(total / ok).tolist(), samples=samples, successful=ok,
+                       seconds=time.perf_counter() - start,
+                       settings={"context": context, "max_new_tokens": max_new_tokens, "seed": seed,
+                                 "texts": names, "procedure": "CompressKV needle attention while retrieving"})

@@ -1,0 +1,110 @@
+"""Triton kernels against their torch references on awkward shapes (interpreter on the CPU, real on a GPU)."""
+import pytest
+import torch
+
+from conftest import rel_err
+from dustin import DustinError
+from dustin.attention import reference
+
+triton = pytest.importorskip("triton")
+from dustin.attention.decode import decode_attention, sparse_attention  # noqa: E402
+from dustin.attention.scoring import score_positions  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def make(B, hq, hkv, T, D, S, lens, dtype, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, hq, T, D, device=DEV, dtype=torch.float32, generator=g).to(dtype)
+    k = torch.randn(B, hkv, S, D, device=DEV, dtype=torch.float32, generator=g).to(dtype)
+    v = torch.randn(B, hkv, S, D, device=DEV, dtype=torch.float32, generator=g).to(dtype)
+    return q, k, v, torch.tensor(lens, device=DEV, dtype=torch.int32)
+
+
+def ref(fn, *args):
+    """The reference in float32 from the same (rounded) inputs."""
+    return fn(*[a.float() if a.is_floating_point() else a for a in args])
+
+
+# (batch, query heads, KV heads, new tokens, head dim, lengths): GQA 1/4/7/8, odd lengths, batch 1 and 13
+SHAPES = [
+    (1, 4, 4, 5, 64, [37]),
+    (3, 8, 2, 5, 128, [1, 200, 77]),
+    (2, 7, 1, 3, 64, [130, 0]),
+    (13, 8, 1, 1, 16, [5 * i + 3 for i in range(13)]),
+    (2, 16, 2, 16, 32, [90, 301]),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_matches_reference(shape, splits):
+    B, hq, hkv, T, D, lens = shape
+    for dtype in DTYPES:
+        q, k, v, sl = make(B, hq, hkv, T, D, max(lens) + T + 4, lens, dtype)
+        out = decode_attention(q, k, v, sl, n_splits=splits, block_n=32)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert rel_err(out.float(), ref(reference.dense_attention, q, k, v, sl)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("budget,per_head", [(24, False), (40, True), (512, False)])
+def test_sparse_attention_matches_reference(shape, budget, per_head):
+    B, hq, hkv, T, D, lens = shape
+    dtype = DTYPES[0]
+    q, k, v, sl = make(B, hq, hkv, T, D, max(lens) + T + 4, lens, dtype)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    heads = hkv if per_head else 1
+    # distinct positions per row, some out of range (-1 and >= length) that must be skipped
+    idx = torch.stack([torch.randperm(max(lens) + 8, generator=g, device=DEV)[:budget] - 4 if max(lens) + 8 >= budget
+                       else torch.arange(budget, device=DEV) for _ in range(B * heads)])
+    idx = idx.view(B, heads, budget).clamp(min=-1).to(torch.int32)
+    idx = idx if per_head else idx[:, 0].contiguous()
+    # duplicated -1 entries are all skipped; make the kept ones unique per row
+    for splits in (1, 4):
+        out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16)
+        assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
+
+
+def test_sparse_over_every_entry_equals_dense():
+    q, k, v, sl = make(3, 8, 2, 5, 64, 140, [100, 37, 128], DTYPES[0])
+    idx = torch.arange(130, device=DEV, dtype=torch.int32)[None].expand(3, -1).contiguous()
+    dense = decode_attention(q, k, v, sl)
+    assert rel_err(sparse_attention(q, k, v, sl, idx).float(), dense.float()) < TOL[DTYPES[0]]
+
+
+@pytest.mark.parametrize("kv_heads", [[0, 0, 1, 1], [1], [0, 1, 1, 0, 0], [2, 2, 2, 2]])
+@pytest.mark.parametrize("T", [1, 5])
+def test_score_positions_matches_reference(kv_heads, T):
+    B, hkv, D, lens = 3, 3, 64, [150, 1, 63]
+    dtype = DTYPES[0]
+    q, k, _, sl = make(B, len(kv_heads), hkv, T, D, max(lens) + T + 9, lens, dtype)
+    for splits in (1, 4):
+        out = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32)
+        expect = ref(reference.position_scores, q, k, sl, torch.tensor(kv_heads, device=DEV))
+        assert out.shape == expect.shape == (B, T, k.shape[2])
+        assert (out - expect).abs().max() < 1e-3 * len(kv_heads)
+        # every query's scores sum to the number of heads
+        assert torch.allclose(out.sum(-1), torch.full((B, T), float(len(kv_heads)), device=DEV), atol=1e-3)
+
+
+def test_bad_input_is_refused():
+    q, k, v, sl = make(2, 4, 2, 3, 32, 50, [10, 20], DTYPES[0])
+    with pytest.raises(DustinError, match="one floating dtype"):
+        decode_attention(q, k.to(torch.float64 if DEV == "cpu" else torch.float32), v, sl)
+    with pytest.raises(DustinError, match="contiguous"):
+        decode_attention(q.transpose(2, 3).contiguous().transpose(2, 3), k, v, sl)
+    with pytest.raises(DustinError, match="exceed the cache"):
+        decode_attention(q, k, v, torch.tensor([10, 48], device=DEV, dtype=torch.int32))
+    with pytest.raises(DustinError, match="seq_lens"):
+        decode_attention(q, k, v, sl.float())
+    with pytest.raises(DustinError, match="indices must be"):
+        sparse_attention(q, k, v, sl, torch.zeros(2, 3, 4, device=DEV, dtype=torch.int32))
+    with pytest.raises(DustinError, match="integer"):
+        sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV))
+    with pytest.raises(DustinError, match="head dims"):
+        decode_attention(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(), sl)
+    with pytest.raises(DustinError, match="out of range"):
+        score_positions(q[:, :2], k, sl, [0, 5])
