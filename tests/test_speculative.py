@@ -206,3 +206,24 @@ def test_different_tokenizers_are_refused():
     target, draft = tiny_model(seed=0), tiny_model(seed=1)
     with pytest.raises(DustinError, match="tokenizers differ"):
         Generator(target, draft, SpecConfig(), tokenizer=Tok({"a": 0}), draft_tokenizer=Tok({"b": 0}))
+
+
+def test_forced_acceptance_moves_caches_by_the_forced_count():
+    """The benchmarks' forced mode goes through the real commit and rollback path."""
+    from dustin.speculative import _NO_CLOCK, _State
+
+    target = tiny_model(seed=0)
+    draft = perturbed_copy(target, 0.4)
+    gen = Generator(target, draft, SpecConfig(gamma=4, max_len=128))
+    gen.stats = None
+    for m in (target, draft):
+        m.setup_cache(3, 128)
+        m.prefill(torch.randint(0, V, (3, 40)))
+    st = _State.start(torch.tensor([1, 2, 3]), 4)
+    st.forced = torch.tensor([0, 2, 4])
+    gen._step(st, None, _NO_CLOCK)
+    assert target.seq_lens.tolist() == [41, 43, 45]
+    assert draft.seq_lens.tolist() == [41, 43, 44]  # the draft has not seen d_4 of a full acceptance
+    assert st.behind.tolist() == [False, False, True]
+    gen._step(st, None, _NO_CLOCK)  # the draft catches up on d_4 in its first pass
+    assert target.seq_lens.tolist() == [42, 46, 50] and draft.seq_lens.tolist() == [42, 46, 49]

@@ -290,6 +290,47 @@ def cmd_tune(args) -> None:
                   f"{result['recovery_history_only']:.3f}); {seconds / 60:.1f} min; wrote {args.out}")
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise DustinError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .bench import common
+
+    if not torch.cuda.is_available():
+        raise DustinError("the speed benchmarks time CUDA graphs and need an NVIDIA GPU")
+    out = Path(args.out_dir)
+    command = "dustin " + " ".join(_ARGV)
+    info = common.device_info(torch.device("cuda"))
+    if args.what == "kernels":
+        from .bench import kernels as bench
+
+        record = bench.run(shapes=args.shapes.split(","), contexts=_ints(args.contexts), batches=_ints(args.batches),
+                           gamma=args.gamma, budget=args.budget, sdpa=not args.no_sdpa)
+    else:
+        from .bench import e2e as bench
+
+        measured = bench.load_measured(args.acceptance_json) if args.acceptance_json else None
+        record = bench.run(pairs=args.pairs.split(","), contexts=_ints(args.contexts), batches=_ints(args.batches),
+                           methods=args.methods.split(","), gamma=args.gamma, budget=args.budget,
+                           draft_budget=args.draft_budget, measured=measured, replays=args.replays)
+    record["device"] = info
+    common.write_record(out / f"{args.what}.json", command, record)
+    (out / f"{args.what}.md").write_text(f"`{command}`\n\n" + bench.table(record) + "\n")
+    bench.plot(record, out / f"{args.what}.png")
+    console.print(bench.table(record), markup=False, highlight=False)
+
+
+_ARGV: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dustin", description="Long-context batched speculative decoding with "
                                 "draft-augmented sparse verification.")
@@ -357,10 +398,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("bench", help="GPU speed benchmarks: attention kernels, or whole decoding steps")
+    s.add_argument("what", choices=["kernels", "e2e"])
+    s.add_argument("--shapes", default="qwen2.5-72b,qwen2.5-7b,llama-3.1-8b", help="kernels: model shapes")
+    s.add_argument("--pairs", default="qwen2.5-7b,llama-3.1-8b", help="e2e: target shapes (each with its draft)")
+    s.add_argument("--methods", default="ar,sd,magicdec,dustin,dustin+draft-selected,dustin-adaptive+draft-selected")
+    s.add_argument("--contexts", default="8192,16384,32768")
+    s.add_argument("--batches", default="8,16")
+    s.add_argument("--gamma", type=int, default=4)
+    s.add_argument("--budget", type=int, default=512)
+    s.add_argument("--draft-budget", type=int, default=512, help="e2e: magicdec's draft KV entries")
+    s.add_argument("--replays", type=int, default=20, help="e2e: timed steps per method")
+    s.add_argument("--no-sdpa", action="store_true", help="kernels: skip the slow SDPA baseline")
+    s.add_argument("--acceptance-json", help="e2e: `dustin eval` acceptance results for measured throughput")
+    s.add_argument("--out-dir", default="benchmarks")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _ARGV[:] = argv
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

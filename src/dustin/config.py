@@ -198,6 +198,9 @@ class SpecConfig:
     draft_budget: int = 512  # magicdec: KV entries the draft reads (n_sink sinks + the most recent)
     draft_n_sink: int = 4
     max_len: int | None = None  # cache capacity per sequence; None: longest prompt + max_new_tokens + slack
+    draft_kv: str = "auto"  # what the draft reads: full | streaming | selected (dustin's set + recent); auto:
+    # streaming for magicdec, else full
+    cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -210,6 +213,10 @@ class SpecConfig:
             raise DustinError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise DustinError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.draft_kv not in ("auto", "full", "streaming", "selected"):
+            raise DustinError(f"draft_kv must be auto, full, streaming or selected, got {self.draft_kv!r}")
+        if self.draft_kv == "selected" and self.method != "dustin":
+            raise DustinError("draft_kv='selected' reads the verification index set, so it needs method='dustin'")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
 

@@ -88,7 +88,7 @@ class Attention(nn.Module):
             cache = step.cache
             cache.write(self.layer, k, v, step.positions)
             if step.capture is not None and self.layer in step.capture.heads:
-                step.capture.q[self.layer] = q[:, step.capture.heads[self.layer]]
+                step.capture.q[self.layer] = q.index_select(1, step.head_index(step.capture.heads[self.layer]))
             indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
             out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices,
                          backend=step.backend)
@@ -128,6 +128,7 @@ class _Step:
     indices: object  # None, a [B, budget] / [B, Hkv, budget] tensor, or a callable (layer, q) -> indices
     capture: QueryCapture | None
     backend: str
+    head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
 
 
 class Transformer(nn.Module):
@@ -145,6 +146,7 @@ class Transformer(nn.Module):
         self.cache: KVCache | None = None
         self.attn_backend = "auto"
         self._rope_len = 0
+        self._head_indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -163,6 +165,12 @@ class Transformer(nn.Module):
         freqs = torch.outer(torch.arange(length, device=self.device, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self._cos, self._sin, self._rope_len = emb.cos(), emb.sin(), length
+
+    def _head_index(self, heads: list[int]) -> torch.Tensor:
+        key = tuple(heads)
+        if key not in self._head_indices:
+            self._head_indices[key] = torch.tensor(key, device=self.device)
+        return self._head_indices[key]
 
     def _check_length(self, length: int) -> None:
         a = self.args
@@ -257,7 +265,7 @@ class Transformer(nn.Module):
         if valid is not None:  # padding goes to the scratch slot, which the rope table also covers
             positions = torch.where(valid, positions, cache.max_len)
         backend = resolve_backend(self.attn_backend, self.device)
-        step = _Step(cache, positions, indices, capture, backend)
+        step = _Step(cache, positions, indices, capture, backend, self._head_index)
         return self._run(input_ids, positions, step, logits_at)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,

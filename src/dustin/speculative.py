@@ -24,7 +24,7 @@ from .model import Transformer
 from .sampling import greedy_accept, probs_from_logits, sample, speculative_accept
 from .selection import streaming_indices
 
-PHASES = ("prefill", "draft", "verify", "accept")
+PHASES = ("prefill", "draft", "verify", "accept", "step")  # "step": whole steps replayed from a CUDA graph
 
 
 @dataclass
@@ -163,8 +163,9 @@ class Generator:
         if self.config.stop_tokens is not None:
             return set(self.config.stop_tokens)
         stops = set(self.target.args.eos_token_id)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            stops.add(self.tokenizer.eos_token_id)
+        if self.tokenizer is not None:
+            # chat models end turns with their EOS and documents with the pad/end-of-text token
+            stops |= {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         return stops
 
     def _setup(self, model: Transformer, batch: int, max_len: int) -> None:
@@ -213,56 +214,80 @@ class Generator:
             if self.policy is not None:
                 self.policy.reset(self.target, self.draft, ids, lens - 1)
 
-        last = ids.gather(1, (lens - 1)[:, None]).squeeze(1)
-        prev = last.clone()  # d_gamma of a fully accepted step, which the draft has not seen yet
-        behind = torch.zeros(B, dtype=torch.bool, device=dev)
-        active = torch.ones(B, dtype=torch.bool, device=dev)
+        st = _State.start(ids.gather(1, (lens - 1)[:, None]).squeeze(1), gamma)
         out: list[list[int]] = [[] for _ in range(B)]
         reasons = ["length"] * B
         stops = self._stop_tokens()
-
-        while bool(active.any()):
-            live = active.long()
-            if use_draft:
-                with clock("draft"):
-                    drafted, q = self._draft(last, prev, behind, live, gen)
-                with clock("verify"):
-                    tokens = torch.cat([last[:, None], drafted], 1)
-                    logits = self._verify(tokens)
-                with clock("accept"):
-                    n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
-                    if self.policy is not None:
-                        self.policy.observe_target(self.target, self._capture, n_acc, live)
-                    self.target.commit((n_acc + 1) * live)
-                    self.draft.rollback((gamma - 1 - n_acc).clamp(min=0) * live)
-                    behind, prev = n_acc == gamma, drafted[:, -1]
+        graph, replays = None, 0
+        while bool(st.live.any()):
+            if graph is None and replays >= 2 and self._graphs_ok():
+                graph = self._capture_step(st, gen)
+            if graph is not None:
+                with clock("step"):
+                    graph.replay()
             else:
-                with clock("verify"):
-                    logits = self.target.decode(last[:, None])
-                with clock("accept"):
-                    nxt = self._choose(logits[:, 0, : self.vocab_size], gen)
-                    n_acc = torch.zeros_like(nxt)
-                    drafted = nxt[:, None][:, :0]
-                    self.target.commit(live)
+                self._step(st, gen, clock)
+            replays += 1
             with clock("accept"):
-                last = nxt
-                self._emit(drafted, n_acc, nxt, active, out, reasons, stops, max_new, stats, on_tokens)
+                self._emit(st, out, reasons, stops, max_new, stats, on_tokens)
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out] if self.tokenizer else None
         return GenerationResult(out, texts, reasons, stats)
+
+    def _graphs_ok(self) -> bool:
+        """Capture the step in a CUDA graph: on CUDA, greedy, and with a policy that never syncs."""
+        cfg = self.config
+        return (cfg.cuda_graphs and self.target.device.type == "cuda" and cfg.temperature == 0
+                and (self.policy is None or self.policy.graph_safe))
+
+    def _capture_step(self, st: "_State", gen) -> "torch.cuda.CUDAGraph":
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(st, gen, _NO_CLOCK)
+        return graph
+
+    def _step(self, st: "_State", gen, clock) -> None:
+        """One decoding step for every sequence, on the device only (no host syncs when greedy without a
+        guard): draft, verify, accept, commit and roll back. Results land in `st` in place."""
+        gamma, live = self.config.gamma, st.live
+        if self.config.method == "ar":
+            with clock("verify"):
+                logits = self.target.decode(st.last[:, None], check=False)
+            with clock("accept"):
+                nxt = self._choose(logits[:, 0, : self.vocab_size], gen)
+                n_acc = torch.zeros_like(nxt)
+                self.target.commit(live, check=False)
+        else:
+            with clock("draft"):
+                drafted, q = self._draft(st, gen)
+            with clock("verify"):
+                logits = self._verify(torch.cat([st.last[:, None], drafted], 1))
+            with clock("accept"):
+                n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
+                if st.forced is not None:  # benchmarks: a given acceptance through the same path
+                    n_acc = st.forced
+                if self.policy is not None:
+                    self.policy.observe_target(self.target, self._capture, n_acc, live)
+                self.target.commit((n_acc + 1) * live, check=False)
+                self.draft.rollback((gamma - 1 - n_acc).clamp(min=0) * live, check=False)
+                st.behind.copy_(n_acc == gamma)
+                st.prev.copy_(drafted[:, -1])
+                st.drafted.copy_(drafted)
+        st.n_acc.copy_(n_acc)
+        st.last.copy_(nxt)
 
     def _verify(self, tokens: torch.Tensor) -> torch.Tensor:
         """The target's pass over `[last, drafts]`: sparse when the policy selects, full otherwise or when
         its guard asks. Returns `[B, gamma + 1, V]` logits."""
         if self.policy is None:
             self._capture = None
-            return self.target.decode(tokens)
+            return self.target.decode(tokens, check=False)
         indices = self.policy.select(self.target, tokens)
         self._capture = self.policy.target_capture()
-        logits = self.target.decode(tokens, indices=indices, capture=self._capture)
+        logits = self.target.decode(tokens, indices=indices, capture=self._capture, check=False)
         if self.policy.needs_full(self.target, self._capture) and indices is not None:
             self.stats.guarded += 1
-            logits = self.target.decode(tokens)
+            logits = self.target.decode(tokens, check=False)
         return logits
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -271,24 +296,31 @@ class Generator:
             return logits.argmax(-1)
         return sample(probs_from_logits(logits, self.config.temperature, self.config.top_p), gen)
 
-    def _draft(self, last, prev, behind, live, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draft_indices(self):
+        cfg, draft = self.config, self.draft
+        kv = cfg.draft_kv if cfg.draft_kv != "auto" else ("streaming" if cfg.method == "magicdec" else "full")
+        if kv == "streaming":
+            return streaming_indices(draft.seq_lens, budget=cfg.draft_budget, n_sink=cfg.draft_n_sink)
+        if kv == "selected":
+            return self.policy.draft_indices(draft)
+        return None
+
+    def _draft(self, st: "_State", gen) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Propose `gamma` tokens per sequence: `[B, gamma]` and their draft probabilities (None if greedy)."""
         cfg, draft = self.config, self.draft
         greedy = cfg.temperature == 0
         # one pass of two tokens catches up on d_gamma where needed; elsewhere the second is padding
-        first = torch.where(behind[:, None], torch.stack([prev, last], 1), torch.stack([last, last], 1))
-        n_fed = behind.long() + 1
-        x, at = first, (n_fed - 1)[:, None]
+        x = torch.where(st.behind[:, None], torch.stack([st.prev, st.last], 1), torch.stack([st.last, st.last], 1))
+        n_fed = st.behind.long() + 1
+        at = (n_fed - 1)[:, None]
         tokens, probs = [], []
         for i in range(cfg.gamma):
-            indices = None
-            if cfg.method == "magicdec":
-                indices = streaming_indices(draft.seq_lens, budget=cfg.draft_budget, n_sink=cfg.draft_n_sink)
             capture = self.policy.draft_capture() if self.policy is not None else None
-            logits = draft.decode(x, indices=indices, logits_at=at, capture=capture)[:, 0, : self.vocab_size]
+            logits = draft.decode(x, indices=self._draft_indices(), logits_at=at, capture=capture, check=False)
+            logits = logits[:, 0, : self.vocab_size]
             if capture is not None:
                 self.policy.observe_draft(draft, capture, at)
-            draft.commit((n_fed if i == 0 else 1) * live, check=False)
+            draft.commit((n_fed if i == 0 else 1) * st.live, check=False)
             if greedy:
                 tok = logits.argmax(-1)
             else:
@@ -306,12 +338,12 @@ class Generator:
         return speculative_accept(drafted, q, p, gen)
 
     @staticmethod
-    def _emit(drafted, n_acc, nxt, active, out, reasons, stops, max_new, stats, on_tokens) -> None:
+    def _emit(st: "_State", out, reasons, stops, max_new, stats, on_tokens) -> None:
         """Hand each live sequence its accepted drafts and the target token, cut at a stop or the limit."""
-        n_host, d_host, x_host = n_acc.tolist(), drafted.tolist(), nxt.tolist()
-        gamma = drafted.shape[1]
+        n_host, d_host, x_host, live = st.n_acc.tolist(), st.drafted.tolist(), st.last.tolist(), st.live.tolist()
+        gamma = st.drafted.shape[1]
         stats.steps += 1
-        for b in torch.nonzero(active).flatten().tolist():
+        for b in [b for b, alive in enumerate(live) if alive]:
             n = n_host[b]
             stats.proposed += gamma
             stats.accepted += n
@@ -323,6 +355,40 @@ class Generator:
             out[b].extend(new)
             stats.new_tokens += len(new)
             if stop_at is not None or len(out[b]) >= max_new:
-                active[b] = False
+                st.live[b] = 0
             if on_tokens is not None:
                 on_tokens(b, new)
+
+
+@dataclass
+class _State:
+    """Per-sequence decoding state in static device buffers, updated in place by `_step`."""
+
+    last: torch.Tensor  # [B] the newest token, not yet in either cache
+    prev: torch.Tensor  # [B] d_gamma of a fully accepted step, which the draft has not seen yet
+    behind: torch.Tensor  # [B] bool: the draft must catch up on `prev`
+    live: torch.Tensor  # [B] 1 while the sequence generates
+    drafted: torch.Tensor  # [B, gamma] this step's drafts
+    n_acc: torch.Tensor  # [B] drafts accepted this step
+    forced: torch.Tensor | None = None  # [B] benchmarks: accept exactly this many drafts
+
+    @classmethod
+    def start(cls, last: torch.Tensor, gamma: int) -> "_State":
+        B = last.shape[0]
+        zeros = torch.zeros(B, dtype=torch.long, device=last.device)
+        return cls(last=last.clone(), prev=last.clone(), behind=zeros.bool(), live=torch.ones_like(zeros),
+                   drafted=torch.zeros(B, gamma, dtype=torch.long, device=last.device), n_acc=zeros.clone())
+
+
+class _NoClock:
+    def __call__(self, phase):
+        return self
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+_NO_CLOCK = _NoClock()

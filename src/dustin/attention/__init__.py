@@ -36,7 +36,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
     `seq_lens[b] + t`; seq_lens: `[B]` committed lengths; indices: None for the whole cache, or
     `[B, budget]` / `[B, Hkv, budget]` positions to read besides the new tokens. Returns `[B, Hq, T, D]`.
     """
-    if backend == "triton":
+    if backend == "triton" and q.shape[2] <= 16:  # prefill chunks take the reference (SDPA) path
         from . import decode
 
         if indices is None:

@@ -123,8 +123,8 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     table, kv = _groups(kv_heads, q.device)
     n_groups, hg = table.shape
     block_m = max(16, triton.next_power_of_2(hg * T))
-    if n_splits is None:
-        n_splits = triton.next_power_of_2(plan_splits(B, n_groups, S, q.device))
+    # a power of two: the merge kernel loads the splits' statistics as one vector
+    n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device))
     if block_n is None:
         block_n = 64 if D >= 128 else 128
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)

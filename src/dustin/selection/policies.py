@@ -18,8 +18,8 @@ from ..model import QueryCapture, Transformer
 from .indices import budget_split, streaming_indices
 
 
-def kv_heads_of(model: Transformer, heads: list[int]) -> torch.Tensor:
-    return torch.tensor(heads, device=model.device) // model.args.group_size
+def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
+    return [h // model.args.group_size for h in heads]
 
 
 def score_heads(model: Transformer, capture: QueryCapture) -> torch.Tensor:
@@ -37,6 +37,7 @@ class Policy:
     """Reads the whole cache. Subclasses narrow it."""
 
     name = "full"
+    graph_safe = True  # its calls never sync with the host, so a step can be captured in a CUDA graph
 
     def __init__(self, config: SelectionConfig):
         config.validate()
@@ -52,6 +53,10 @@ class Policy:
         pass
 
     def select(self, target: Transformer, tokens: torch.Tensor):
+        return None
+
+    def draft_indices(self, draft: Transformer) -> torch.Tensor | None:
+        """What a draft that shares the verification set reads (None: everything)."""
         return None
 
     def target_capture(self) -> QueryCapture | None:
@@ -87,20 +92,25 @@ class Dustin(Policy):
         rest = config.budget - config.fixed
         self.m0 = {"history": 0, "lookahead": rest}.get(config.policy, config.m)
         self.s_T = self.s_D = self.m = self.indices = self.step_probs = None
-        self.guard_hits = 0
+        self.graph_safe = config.guard is None
         self.m_trace: list[float] = []
+        # reused every pass, so a captured step and its replays fill the same objects
+        self._draft_capture = QueryCapture(dict(config.draft_heads)) if config.draft_heads else None
+        self._target_capture = QueryCapture(dict(config.target_heads)) if config.target_heads else None
 
     def reset(self, target, draft, ids, lengths):
+        # state lives in buffers updated in place, so a captured step reads and writes the same memory
         B, S = target.cache.batch, target.cache.k.shape[3]
         dev = target.device
         self.s_T = torch.zeros(B, S, device=dev)
         self.s_D = torch.zeros(B, S, device=dev)
         self.m = torch.full((B,), float(self.m0), device=dev)
-        self.has_history = False
+        self.indices = torch.zeros(B, self.config.budget, dtype=torch.long, device=dev)
+        self.has_history = self.has_indices = False
         self.m_trace = []
 
     def draft_capture(self):
-        return QueryCapture(dict(self.config.draft_heads)) if self.config.draft_heads else None
+        return self._draft_capture
 
     def observe_draft(self, draft, capture, at):
         scores = score_heads(draft, capture)  # [B, T, S_draft]
@@ -111,16 +121,26 @@ class Dustin(Policy):
         self.s_D[:, :n] += scores.sum(1)[:, :n]
 
     def target_capture(self):
-        return QueryCapture(dict(self.config.target_heads)) if self.config.target_heads else None
+        return self._target_capture
 
     def select(self, target, tokens):
         if not self.has_history and self.config.target_heads and self.m0 < self.config.budget - self.config.fixed:
-            self.indices = None  # no target query yet: the first step verifies in full
+            self.has_indices = False  # no target query yet: the first step verifies in full
             return None
         c = self.config
-        self.indices = budget_split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
-                                    n_sink=c.n_sink, n_recent=c.n_recent)
+        self.indices.copy_(budget_split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
+                                        n_sink=c.n_sink, n_recent=c.n_recent))
+        self.has_indices = True
         return self.indices
+
+    def draft_indices(self, draft):
+        """The last verification set plus the draft's own most recent `n_recent` tokens."""
+        if not self.has_indices:
+            return None
+        lens = draft.seq_lens.long()[:, None]
+        R = self.config.n_recent
+        older = self.indices.masked_fill(self.indices >= lens - R, -1)  # the recent window has those
+        return torch.cat([older, lens - R + torch.arange(R, device=lens.device)], 1)
 
     def estimated_recovery(self, probs: torch.Tensor, target) -> torch.Tensor:
         """`[B]`: share of the chosen heads' attention that fell inside the selected set or the new tokens."""
@@ -137,13 +157,10 @@ class Dustin(Policy):
         if capture is None or not capture.q:
             return False
         self.step_probs = score_heads(target, capture)
-        if self.config.guard is None or self.indices is None:
+        if self.config.guard is None or not self.has_indices:
             return False
         low = self.estimated_recovery(self.step_probs, target) < self.config.guard
-        if bool(low.any()):
-            self.guard_hits += 1
-            return True
-        return False
+        return bool(low.any())
 
     def observe_target(self, target, capture, n_acc, live):
         if self.step_probs is None:
@@ -151,13 +168,13 @@ class Dustin(Policy):
         probs = self.step_probs  # [B, T, S]
         T = probs.shape[1]
         if self.config.history_query == "last":
-            weights = F.one_hot(n_acc, T).float()
+            weights = (torch.arange(T, device=probs.device)[None] == n_acc[:, None]).float()  # no sync, unlike one_hot
         else:
             weights = (torch.arange(T, device=probs.device)[None] <= n_acc[:, None]).float()
         fresh = torch.einsum("bts,bt->bs", probs, weights)
-        if self.config.adaptive and self.indices is not None:
+        if self.config.adaptive and self.has_indices:
             self._adapt(fresh, target, live)
-        self.s_T = torch.where(live.bool()[:, None], fresh, self.s_T)
+        self.s_T.copy_(torch.where(live.bool()[:, None], fresh, self.s_T))
         self.has_history = True
 
     def _adapt(self, truth: torch.Tensor, target, live) -> None:
@@ -172,8 +189,9 @@ class Dustin(Policy):
             caught.append(truth.gather(1, idx.clamp(0, truth.shape[1] - 1)).sum(1))
         best = grid[torch.stack(caught, 1).argmax(1)].float()
         upd = (1 - c.adapt_rate) * self.m + c.adapt_rate * best
-        self.m = torch.where(live.bool(), upd, self.m)
-        self.m_trace.append(float(self.m.mean()))
+        self.m.copy_(torch.where(live.bool(), upd, self.m))
+        if not (self.m.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.m_trace.append(float(self.m.mean()))
 
 
 class Oracle(Policy):
@@ -186,6 +204,7 @@ class Oracle(Policy):
     """
 
     name = "oracle"
+    graph_safe = False
 
     def select(self, target, tokens):
         from .metrics import full_attention_mass
@@ -209,6 +228,7 @@ class Quest(Policy):
     """Quest: per layer and KV head, pages ranked by the query-aware bound sum_d max(q_d min_d, q_d max_d)."""
 
     name = "quest"
+    graph_safe = False
 
     def select(self, target, tokens):
         if int(target.seq_lens.max()) <= self.config.budget:
@@ -243,6 +263,7 @@ class SnapKV(Policy):
     """SnapKV: chosen once per layer and KV head from the prompt's last window, plus the newest tokens."""
 
     name = "snapkv"
+    graph_safe = False
 
     def reset(self, target, draft, ids, lengths):
         from .metrics import capture_all

@@ -51,6 +51,7 @@ class TraceRecorder(Policy):
     """Full verification that records what the search needs at every step."""
 
     name = "record"
+    graph_safe = False
 
     def __init__(self, target_heads: dict[int, list[int]], draft_heads: dict[int, list[int]]):
         self.target_heads, self.draft_heads = target_heads, draft_heads
@@ -101,7 +102,7 @@ class TraceRecorder(Policy):
                                   "new": self.step["new"][b], "total": self.step["total"][b],
                                   "history": self.prev_history[:, b],
                                   "lookahead": F.pad(self.lookahead[:, b], (0, max(0, S - S_d)))[:, :S]})
-        weights = F.one_hot(n_acc, self.step_probs.shape[2]).float()
+        weights = (torch.arange(self.step_probs.shape[2])[None] == n_acc[:, None]).float()
         self.prev_history = torch.einsum("lbts,bt->lbs", self.step_probs, weights)
 
     def traces(self) -> Traces:

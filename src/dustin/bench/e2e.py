@@ -1,0 +1,329 @@
+"""`dustin bench e2e`: whole decoding steps of each method on a GPU, at real model shapes.
+
+Weights and cache contents are random (their values do not change the cost); the caches are filled to
+the context length directly instead of by a prefill. Every step runs the engine's own step function
+(draft, scoring and selection, verification through the project's kernels, acceptance, commit and
+rollback), captured in a CUDA graph. Acceptance is forced: each step accepts a number of drafts per
+sequence drawn from a given distribution, through the real acceptance and rollback path, the same for
+every method. Between timed steps the caches are set back to the nominal context.
+
+Tokens per second = batch x tokens per step / step time, at the paper's mean acceptance length 2.2
+and, when given, at the acceptance lengths measured on the real pair by `dustin eval` (each figure
+says which one it used).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+
+import torch
+
+from ..config import SelectionConfig, SpecConfig
+from ..loading import random_model
+from ..model import Transformer
+from ..sampling import greedy_accept
+from ..selection import make_policy
+from ..selection.policies import score_heads
+from ..shapes import get_shape
+from ..speculative import _NO_CLOCK, Generator, _State
+from .common import copy_bandwidth
+
+PAIRS = {"qwen2.5-7b": "qwen2.5-0.5b", "llama-3.1-8b": "llama-3.2-1b"}
+METHODS = {
+    "ar": dict(method="ar"),
+    "sd": dict(method="sd"),
+    "magicdec": dict(method="magicdec"),
+    "dustin": dict(method="dustin"),
+    "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
+    "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
+}
+SLACK = 64
+
+
+def acceptance_distribution(mean_tokens: float, gamma: int) -> list[float]:
+    """P(n accepted drafts), n = 0..gamma: a truncated geometric whose mean is `mean_tokens - 1`."""
+    target = mean_tokens - 1
+    lo, hi = 1e-6, 1e6
+    for _ in range(200):
+        r = (lo * hi) ** 0.5
+        w = [r**n for n in range(gamma + 1)]
+        mean = sum(n * x for n, x in enumerate(w)) / sum(w)
+        lo, hi = (r, hi) if mean < target else (lo, r)
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def read_bytes(model: Transformer) -> int:
+    """Weight bytes one forward pass reads: everything but the embedding table (only B x T rows of it)."""
+    a = model.args
+    n = a.n_params() - (0 if a.tie_word_embeddings else a.vocab_size * a.dim)
+    return n * model.dtype.itemsize
+
+
+def step_bytes(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
+               budget: int, draft_budget: int, sel: SelectionConfig) -> int:
+    """The fewest bytes one step must move (weights once per pass, each KV entry it reads once)."""
+    T = gamma + 1
+    kv_t = target.args.kv_bytes_per_token(target.dtype.itemsize) * batch
+    kv_d = draft.args.kv_bytes_per_token(draft.dtype.itemsize) * batch
+    if name == "ar":
+        return read_bytes(target) + kv_t * (context + 1)
+    spec = METHODS[name]
+    draft_ctx = {"magicdec": draft_budget}.get(spec["method"], context)
+    if spec.get("draft_kv") == "selected":
+        draft_ctx = budget + sel.n_recent
+    total = gamma * (read_bytes(draft) + kv_d * (draft_ctx + 2))
+    if spec["method"] != "dustin":
+        return total + read_bytes(target) + kv_t * (context + T)
+    key = lambda m, layer_heads: sum(len({h // m.args.group_size for h in hs}) for hs in layer_heads.values()) \
+        * m.args.head_dim * m.dtype.itemsize * batch * context  # noqa: E731
+    score = key(target, sel.target_heads) + gamma * key(draft, sel.draft_heads)
+    return total + read_bytes(target) + kv_t * (budget + T) + score
+
+
+def _fill(model: Transformer, batch: int, context: int, max_len: int) -> None:
+    cache = model.setup_cache(batch, max_len)
+    for layer in range(model.args.n_layers):  # layer by layer: no full-size temporary
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    cache.seq_lens.fill_(context)
+
+
+def time_replays(fn, restore, *, replays: int, before=None) -> list[float]:
+    """Capture `fn` once; time each replay with events; call `restore` (untimed) after each."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        restore()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    restore()
+    times = []
+    for _ in range(replays + 2):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        restore()
+    del graph
+    return times[2:]
+
+
+def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
+                 budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int) -> dict:
+    spec = dict(METHODS[name])
+    adaptive = spec.pop("adaptive", False)
+    cfg = SpecConfig(gamma=gamma, max_len=context + SLACK, draft_budget=draft_budget, **spec)
+    policy = None
+    if cfg.method == "dustin":
+        policy = make_policy(dataclasses.replace(sel, adaptive=adaptive))
+    gen = Generator(target, draft if cfg.method != "ar" else None, cfg, policy=policy,
+                    vocab_size=min(target.args.vocab_size, draft.args.vocab_size))
+    dev = target.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    st = _State.start(torch.randint(0, 1000, (batch,), device=dev, generator=g), gamma)
+    st.forced = torch.zeros(batch, dtype=torch.long, device=dev)
+    from ..speculative import SpecStats
+
+    gen.stats = SpecStats(cfg.method, gamma, batch)
+    models = [target] if cfg.method == "ar" else [target, draft]
+    if policy is not None:
+        policy.reset(target, draft, None, target.seq_lens)
+        policy.s_T.uniform_()
+        policy.s_D.uniform_()
+        policy.has_history = True
+        policy.select(target, None)  # so the draft may read the set from the first captured step on
+    saved = [m.cache.seq_lens.clone() for m in models]
+    probs = torch.tensor(dist, device=dev)
+
+    def restore():
+        for m, s in zip(models, saved):
+            m.cache.seq_lens.copy_(s)
+
+    def draw():
+        st.forced.copy_(torch.multinomial(probs, batch, replacement=True, generator=g))
+
+    torch.cuda.reset_peak_memory_stats(dev)
+    step = time_replays(lambda: gen._step(st, None, _NO_CLOCK), restore, replays=replays, before=draw)
+    out = {"step_s": statistics.median(step), "step_s_all": step,
+           "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30}
+
+    # the step's parts, each captured alone with the same state
+    tokens = torch.cat([st.last[:, None], st.drafted], 1)
+    phases = {}
+    if cfg.method != "ar":
+        phases["draft"] = lambda: gen._draft(st, None)
+    if policy is not None:
+        phases["select"] = lambda: policy.select(target, tokens)
+        cap = policy.target_capture()
+        target.decode(tokens, indices=policy.indices, capture=cap, check=False)
+        phases["score_target"] = lambda: score_heads(target, cap)
+        dcap = policy.draft_capture()
+        draft.decode(tokens[:, :1], capture=dcap, check=False)
+        phases["score_draft_pass"] = lambda: score_heads(draft, dcap)
+    indices = policy.indices if policy is not None else None
+    verify_tokens = tokens[:, :1] if cfg.method == "ar" else tokens
+    phases["verify"] = lambda: target.decode(verify_tokens, indices=indices, check=False)
+    phases["verify_attention"] = lambda: _attention_only(target, verify_tokens.shape[1], indices)
+    logits = target.decode(verify_tokens, indices=indices, check=False)
+    phases["accept"] = lambda: greedy_accept(st.drafted, logits) if cfg.method != "ar" else logits[:, 0].argmax(-1)
+    for phase, fn in phases.items():
+        out[f"{phase}_s"] = statistics.median(time_replays(fn, restore, replays=max(5, replays // 2)))
+    del gen
+    return out
+
+
+def _attention_only(model: Transformer, T: int, indices) -> None:
+    """Every layer's verification attention kernel, on the model's own cache (what `verify` spends in it)."""
+    from .. import attention
+
+    a, cache = model.args, model.cache
+    q = _attention_only.q.get((a.n_heads, T, a.head_dim))
+    if q is None:
+        q = torch.randn(cache.batch, a.n_heads, T, a.head_dim, device=model.device, dtype=model.dtype)
+        _attention_only.q[(a.n_heads, T, a.head_dim)] = q
+    for layer in range(a.n_layers):
+        attention.attend(q, cache.k[layer], cache.v[layer], cache.seq_lens, indices=indices, backend="triton")
+
+
+_attention_only.q = {}
+
+
+def default_selection(target: Transformer, draft: Transformer, budget: int) -> SelectionConfig:
+    """Paper-like heads for random weights: 1 target layer x 4 heads, 3 draft layers x 4 heads."""
+    t, d = target.args, draft.args
+    return SelectionConfig(policy="dustin", budget=budget, m=(budget - 20) // 4,
+                           target_heads={t.n_layers // 2: [0, 1, 2, 3]},
+                           draft_heads={layer: [0, 1, 2, 3] for layer in (d.n_layers // 2 - 1, d.n_layers // 2,
+                                                                            d.n_layers // 2 + 1)})
+
+
+def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), methods=tuple(METHODS), gamma=4,
+        budget=512, draft_budget=512, accept=2.2, measured: dict | None = None, replays=20, progress=print) -> dict:
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(dev)
+    progress(f"device-to-device copy: {bw / 1e12:.2f} TB/s")
+    dist = acceptance_distribution(accept, gamma)
+    results = []
+    for t_name in pairs:
+        d_name = PAIRS[t_name]
+        longest = max(contexts) + SLACK
+        # random weights: extend the positions so every nominal context fits (RoPE works at any position)
+        t_args = dataclasses.replace(get_shape(t_name), max_position_embeddings=max(longest, 32768))
+        d_args = dataclasses.replace(get_shape(d_name), max_position_embeddings=max(longest, 32768))
+        target = random_model(t_args, device=dev, dtype=torch.bfloat16)
+        draft = random_model(d_args, device=dev, dtype=torch.bfloat16)
+        sel = default_selection(target, draft, budget)
+        for ctx in contexts:
+            for b in batches:
+                _fill(target, b, ctx, ctx + SLACK)
+                _fill(draft, b, ctx, ctx + SLACK)
+                for name in methods:
+                    r = bench_method(name, target, draft, batch=b, context=ctx, gamma=gamma, budget=budget,
+                                     draft_budget=draft_budget, sel=sel, dist=dist, replays=replays)
+                    r.update(pair=f"{t_name}/{d_name}", target=t_name, draft=d_name, method=name, context=ctx,
+                             batch=b, gamma=gamma, budget=budget)
+                    r["bytes"] = step_bytes(name, target, draft, batch=b, context=ctx, gamma=gamma, budget=budget,
+                                            draft_budget=draft_budget, sel=sel)
+                    r["floor_s"] = r["bytes"] / bw
+                    r["roofline_frac"] = r["floor_s"] / r["step_s"]
+                    results.append(r)
+                    progress(f"{t_name} {ctx} x{b} {name}: step {r['step_s'] * 1e3:.2f} ms (floor "
+                             f"{r['floor_s'] * 1e3:.2f} ms, {r['roofline_frac']:.0%})")
+                for m in (target, draft):
+                    m.cache = None
+                torch.cuda.empty_cache()
+        del target, draft
+        torch.cuda.empty_cache()
+    record = {"copy_bandwidth_Bps": bw, "accept_paper": accept, "accept_distribution": dist,
+              "selection": sel.to_dict(), "results": results}
+    add_throughput(record, measured or {})
+    return record
+
+
+def add_throughput(record: dict, measured: dict) -> None:
+    """Tokens per second and speedup over `ar` of the same case, at each acceptance source."""
+    by_case = {}
+    for r in record["results"]:
+        by_case.setdefault((r["pair"], r["context"], r["batch"]), {})[r["method"]] = r
+    for case in by_case.values():
+        ar = case.get("ar")
+        for name, r in case.items():
+            sources = {"paper 2.2": record["accept_paper"]}
+            if name in measured:
+                sources["measured on the real pair"] = measured[name]
+            r["throughput"] = {}
+            for label, acc in sources.items():
+                tokens = 1.0 if name == "ar" else acc
+                tps = r["batch"] * tokens / r["step_s"]
+                entry = {"accept": tokens, "tokens_per_s": tps}
+                if ar is not None:
+                    entry["speedup_vs_ar"] = tps / (r["batch"] / ar["step_s"])
+                r["throughput"][label] = entry
+
+
+def load_measured(path) -> dict:
+    """Mean tokens per step per method from a `dustin eval` acceptance JSON."""
+    data = json.loads(open(path).read())
+    return {k: v["mean_tokens_per_step"] for k, v in data.get("acceptance", {}).items()}
+
+
+def table(record: dict) -> str:
+    rows = ["| pair | ctx | batch | method | step ms | floor ms | roofline | tok/s @2.2 | speedup vs ar | peak GiB |",
+            "|" + "---|" * 10]
+    for r in record["results"]:
+        t = r["throughput"]["paper 2.2"]
+        rows.append(f"| {r['pair']} | {r['context']} | {r['batch']} | {r['method']} | {r['step_s'] * 1e3:.2f} | "
+                    f"{r['floor_s'] * 1e3:.2f} | {r['roofline_frac']:.0%} | {t['tokens_per_s']:.0f} | "
+                    f"{t.get('speedup_vs_ar', float('nan')):.2f}x | {r['peak_memory_gib']:.1f} |")
+    return "\n".join(rows)
+
+
+def plot(record: dict, path) -> None:
+    """Step time split into phases per method (the analogue of the paper's Fig. 1), largest case per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = record["results"]
+    pairs = sorted({r["pair"] for r in res})
+    fig, axes = plt.subplots(1, len(pairs), figsize=(7 * len(pairs), 4.5), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        rs = [r for r in res if r["pair"] == pair]
+        ctx, b = max(r["context"] for r in rs), max(r["batch"] for r in rs)
+        rs = [r for r in rs if r["context"] == ctx and r["batch"] == b]
+        names = [r["method"] for r in rs]
+        parts = {"draft": [], "scoring + selection": [], "verification attention": [], "rest of verification": [],
+                 "acceptance / rollback": []}
+        for r in rs:
+            score = r.get("select_s", 0) + r.get("score_target_s", 0) + record_gamma(r) * r.get("score_draft_pass_s", 0)
+            parts["draft"].append((r.get("draft_s", 0) - record_gamma(r) * r.get("score_draft_pass_s", 0)) * 1e3)
+            parts["scoring + selection"].append(score * 1e3)
+            parts["verification attention"].append(r["verify_attention_s"] * 1e3)
+            parts["rest of verification"].append(max(0.0, r["verify_s"] - r["verify_attention_s"]) * 1e3)
+            parts["acceptance / rollback"].append(max(0.0, r["step_s"] - r.get("draft_s", 0) - r["verify_s"]
+                                                      - r.get("select_s", 0) - r.get("score_target_s", 0)) * 1e3)
+        bottom = [0.0] * len(rs)
+        for label, vals in parts.items():
+            ax.barh(names, vals, left=bottom, label=label)
+            bottom = [x + y for x, y in zip(bottom, vals)]
+        for i, r in enumerate(rs):
+            ax.text(bottom[i], i, f" {r['step_s'] * 1e3:.1f} ms", va="center", fontsize=8)
+        ax.set_xlabel("ms per step")
+        ax.set_title(f"{pair}, {ctx // 1024}k, batch {b}")
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def record_gamma(r: dict) -> int:
+    return r["gamma"] if "score_draft_pass_s" in r else 0

@@ -1,0 +1,145 @@
+"""`dustin bench kernels`: each attention kernel against PyTorch, as achieved bandwidth and speedup.
+
+Per shape (query heads / KV heads / head dim of a real model), context and batch, with `gamma + 1`
+verification queries and a `budget`-entry index set:
+- full: our split-KV kernel against SDPA (`enable_gqa`, boolean mask for the causal tail);
+- sparse: our index-set kernel against gather + SDPA;
+- scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
+- selection: Dustin's budget split (two top-k over the context) on the GPU;
+- per layer, Dustin's verification attention = sparse + (scoring + selection) / n_layers, against full.
+Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import reference
+from ..attention.decode import decode_attention, sparse_attention
+from ..attention.scoring import score_positions
+from ..selection.indices import budget_split
+from ..shapes import get_shape
+from .common import copy_bandwidth, time_graph
+
+PAPER_SHAPES = ("qwen2.5-72b", "qwen2.5-7b", "llama-3.1-8b")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: int = 512, n_sets: int = 16,
+               dtype=torch.bfloat16, device="cuda", sdpa: bool = True) -> dict:
+    args = get_shape(shape)
+    B, Hq, Hkv, D, T = batch, args.n_heads, args.n_kv_heads, args.head_dim, gamma + 1
+    S = context + T
+    g = torch.Generator(device=device).manual_seed(0)
+    k = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    v = torch.randn(B, Hkv, S, D, device=device, dtype=dtype, generator=g)
+    q = torch.randn(B, Hq, T, D, device=device, dtype=dtype, generator=g)
+    lens = torch.full((B,), context, device=device, dtype=torch.int32)
+    sets = [torch.rand(B, context, device=device, generator=g).topk(budget, dim=1).indices.int() for _ in range(n_sets)]
+    rot = iter(range(1 << 30))
+
+    kv_bytes = 2 * B * Hkv * (context + T) * D * k.element_size()
+    out = {"shape": shape, "context": context, "batch": batch, "gamma": gamma, "budget": budget,
+           "q_heads": Hq, "kv_heads": Hkv, "head_dim": D, "n_layers": args.n_layers, "kv_bytes": kv_bytes}
+
+    # correctness on these inputs before any timing
+    out["full_rel_err"] = _rel(decode_attention(q, k, v, lens), reference.dense_attention(q, k, v, lens))
+    out["sparse_rel_err"] = _rel(sparse_attention(q, k, v, lens, sets[0]),
+                                 reference.sparse_attention(q, k, v, lens, sets[0]))
+
+    out["full_s"] = time_graph(lambda: decode_attention(q, k, v, lens, check=False))
+    if sdpa:  # what a user of PyTorch would run: SDPA with a boolean mask for the causal tail
+        mask = reference.new_token_mask(lens, T, S)[:, None]
+        out["sdpa_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                                        calls=3, replays=7)
+    out["sparse_s"] = time_graph(lambda: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], check=False),
+                                 calls=n_sets)
+    out["gather_sdpa_s"] = time_graph(
+        lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
+    out["sparse_bytes"] = 2 * B * Hkv * (budget + T) * D * k.element_size()
+
+    # the history signal: 4 heads of KV group 0, the last committed query, whole context
+    heads = [0, 0, 0, 0]
+    q_s = q[:, : len(heads), :1].contiguous()
+    out["score_rel_err"] = float((score_positions(q_s, k, lens, heads) -
+                                  reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
+    out["score_s"] = time_graph(lambda: score_positions(q_s, k, lens, heads, check=False))
+    out["score_key_bytes"] = B * (context + 1) * D * k.element_size()
+    s_T = torch.rand(B, S, device=device, generator=g)
+    s_D = torch.rand(B, S, device=device, generator=g)
+    m = (budget - 20) // 4
+    out["select_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
+    out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers
+    out["dustin_speedup"] = out["full_s"] / out["dustin_layer_s"]
+    del k, v
+    torch.cuda.empty_cache()
+    return out
+
+
+def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), gamma: int = 4, budget: int = 512,
+        sdpa: bool = True, progress=print) -> dict:
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    progress(f"device-to-device copy: {bw / 1e12:.2f} TB/s")
+    cases = []
+    for shape in shapes:
+        for ctx in contexts:
+            for b in batches:
+                c = bench_case(shape, ctx, b, gamma=gamma, budget=budget, sdpa=sdpa)
+                c["full_bw_frac"] = c["kv_bytes"] / c["full_s"] / bw
+                c["score_bw_frac"] = c["score_key_bytes"] / c["score_s"] / bw
+                c["floor_full_s"] = c["kv_bytes"] / bw
+                cases.append(c)
+                progress(f"{shape} {ctx} x{b}: full {c['full_s'] * 1e3:.3f} ms ({c['full_bw_frac']:.0%} of copy bw; "
+                         f"floor {c['floor_full_s'] * 1e3:.3f} ms; SDPA {c.get('sdpa_full_s', 0) * 1e3:.2f} ms), "
+                         f"sparse {c['sparse_s'] * 1e6:.1f} us (gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
+                         f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}), select "
+                         f"{c['select_s'] * 1e6:.1f} us, dustin/layer {c['dustin_layer_s'] * 1e6:.1f} us = "
+                         f"{c['dustin_speedup']:.1f}x")
+    return {"copy_bandwidth_Bps": bw, "cases": cases}
+
+
+def table(record: dict) -> str:
+    rows = ["| shape | ctx | batch | full ms (floor) | % bw | SDPA ms | sparse us | gather+SDPA us | score us (% bw) "
+            "| select us | Dustin/layer us | speedup |", "|" + "---|" * 12]
+    for c in record["cases"]:
+        rows.append(f"| {c['shape']} | {c['context']} | {c['batch']} | {c['full_s'] * 1e3:.3f} ({c['floor_full_s'] * 1e3:.3f}) "
+                    f"| {c['full_bw_frac']:.0%} | {c.get('sdpa_full_s', float('nan')) * 1e3:.2f} | {c['sparse_s'] * 1e6:.1f} "
+                    f"| {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
+                    f"| {c['select_s'] * 1e6:.1f} | {c['dustin_layer_s'] * 1e6:.2f} | {c['dustin_speedup']:.1f}x |")
+    return "\n".join(rows)
+
+
+def plot(record: dict, path) -> None:
+    """Per-layer verification attention, full against Dustin (scoring + selection + sparse), like Fig. 7."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = record["cases"]
+    shapes = sorted({c["shape"] for c in cases}, key=[c["shape"] for c in cases].index)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        cs = [c for c in cases if c["shape"] == shape]
+        labels = [f"{c['context'] // 1024}k/b{c['batch']}" for c in cs]
+        x = range(len(cs))
+        ax.bar([i - 0.2 for i in x], [c["full_s"] * 1e3 for c in cs], 0.4, label="full (ours)")
+        sparse = [c["sparse_s"] * 1e3 for c in cs]
+        est = [(c["score_s"] + c["select_s"]) / c["n_layers"] * 1e3 for c in cs]
+        ax.bar([i + 0.2 for i in x], sparse, 0.4, label="Dustin: sparse attention")
+        ax.bar([i + 0.2 for i in x], est, 0.4, bottom=sparse, label="Dustin: scoring + selection / layers")
+        for i, c in enumerate(cs):
+            ax.text(i + 0.2, sparse[i] + est[i], f"{c['dustin_speedup']:.0f}x", ha="center", va="bottom", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xticks(list(x), labels, rotation=45)
+        ax.set_title(shape)
+        ax.set_ylabel("ms per layer")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"verification attention per layer, gamma {cases[0]['gamma']}, budget {cases[0]['budget']} "
+                 f"(copy bandwidth {record['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
