@@ -80,6 +80,6 @@ def perturbed_copy(model, scale, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in draft.parameters():
-            p.add_(scale * p.std() * torch.randn(p.shape, generator=g))
+            p.add_(scale * p.std() * torch.randn(p.shape, generator=g).to(p.device))
     draft.cache = None
     return draft

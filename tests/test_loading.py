@@ -83,7 +83,7 @@ def test_random_shape_dtype_and_determinism():
     assert a.dtype == torch.bfloat16 and a.args.n_layers == 24
     assert a.lm_head.weight is a.embed_tokens.weight  # tied, as the public config says
     b = load_model("random:qwen2.5-0.5b", dtype=torch.bfloat16)
-    assert torch.equal(a.layers[3].mlp.up_proj.weight, b.layers[3].mlp.up_proj.weight)
+    assert torch.equal(a.layers[3].mlp.gate_up_proj.weight, b.layers[3].mlp.gate_up_proj.weight)
 
 
 def test_random_shape_is_built_on_the_target_device(monkeypatch):

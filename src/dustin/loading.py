@@ -114,6 +114,7 @@ def random_model(args: ModelArgs, *, device: torch.device, dtype: torch.dtype, s
     model = model.to(dtype).to_empty(device=device)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    model.requires_grad_(False)  # inference only: no autograd bookkeeping
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -124,8 +125,23 @@ def random_model(args: ModelArgs, *, device: torch.device, dtype: torch.dtype, s
     return model.eval()
 
 
+def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Hugging Face's separate q/k/v and gate/up tensors -> dustin's fused `qkv_proj` and `gate_up_proj`."""
+    state = dict(state)
+    for i in range(n_layers):
+        for fused, parts in ((f"layers.{i}.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                             (f"layers.{i}.mlp.gate_up_proj", ("gate_proj", "up_proj"))):
+            prefix = fused.rsplit(".", 1)[0]
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}.{p}.{kind}" for p in parts]
+                if all(n in state for n in names):
+                    state[f"{fused}.{kind}"] = torch.cat([state.pop(n) for n in names])
+    return state
+
+
 def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.device,
               dtype: torch.dtype) -> Transformer:
+    state = fuse_projections(state, args.n_layers)
     with torch.device("meta"):
         model = Transformer(args)
     expected = set(model.state_dict())
@@ -141,7 +157,7 @@ def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.dev
     model.load_state_dict(state, assign=True, strict=False)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 # --- Hugging Face safetensors ----------------------------------------------------------------------

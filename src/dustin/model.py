@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused as fused_ops
 from .attention import attend, resolve_backend
 from .cache import KVCache, available_memory, estimate_memory
 from .config import ModelArgs
@@ -38,10 +39,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, fused: bool):
+        """residual (+ delta), normalised: returns (normalised, new residual)."""
+        if fused:
+            return fused_ops.add_rmsnorm(residual, delta, self.weight, self.eps)
+        return fused_ops.add_rmsnorm_reference(residual, delta, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -60,50 +62,46 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: `[B, H, T, D]`; cos, sin: `[B, 1, T, D]` (half-split rotation, as in the HF checkpoints)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        # q, k and v in one projection: one GEMM per layer instead of three
+        self.qkv_proj = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step | None") -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
         if step is None:
+            q, k, v = fused_ops.split_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
+            q, k = fused_ops.rope_reference(q, cos, sin), fused_ops.rope_reference(k, cos, sin)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        cache = step.cache
+        if step.fused:
+            q = fused_ops.rope_write(qkv, cos, sin, step.positions, cache.k[self.layer], cache.v[self.layer],
+                                     self.n_heads, self.n_kv_heads)
         else:
-            cache = step.cache
+            q, k, v = fused_ops.split_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
+            q, k = fused_ops.rope_reference(q, cos, sin), fused_ops.rope_reference(k, cos, sin)
             cache.write(self.layer, k, v, step.positions)
-            if step.capture is not None and self.layer in step.capture.heads:
-                step.capture.q[self.layer] = q.index_select(1, step.head_index(step.capture.heads[self.layer]))
-            indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
-            out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices,
-                         backend=step.backend)
+        if step.capture is not None and self.layer in step.capture.heads:
+            step.capture.q[self.layer] = q.index_select(1, step.head_index(step.capture.heads[self.layer]))
+        indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
+        out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices, backend=step.backend)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # one GEMM, not two
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up))
 
 
 class Block(nn.Module):
@@ -114,9 +112,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step | None") -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                step: "_Step | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """Takes the residual stream and the previous block's pending output; returns the same pair, so
+        each residual add rides in the next RMSNorm's kernel."""
+        fused = step is not None and step.fused
+        h, residual = self.input_layernorm(residual, delta, fused)
+        h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
+        return residual, self.mlp(h, fused)
 
 
 @dataclass
@@ -128,11 +131,13 @@ class _Step:
     indices: object  # None, a [B, budget] / [B, Hkv, budget] tensor, or a callable (layer, q) -> indices
     capture: QueryCapture | None
     backend: str
+    fused: bool  # the fused Triton layer ops (CUDA with the triton backend)
     head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
 
 
 class Transformer(nn.Module):
-    """Llama-family causal LM; parameter names follow the Hugging Face checkpoints (minus `model.`)."""
+    """Llama-family causal LM. Parameter names follow the Hugging Face checkpoints (minus `model.`),
+    except that q/k/v and gate/up are fused (`qkv_proj`, `gate_up_proj`); the loader concatenates them."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -188,12 +193,14 @@ class Transformer(nn.Module):
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step | None,
              logits_at: torch.Tensor | None) -> torch.Tensor:
         cos, sin = self._rope(positions)
-        x = self.embed_tokens(input_ids)
+        residual, delta = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, cos, sin, step)
+            residual, delta = layer(residual, delta, cos, sin, step)
         if logits_at is not None:
-            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
-        return self.lm_head(self.norm(x)).float()
+            at = logits_at[:, :, None].expand(-1, -1, residual.shape[-1])
+            residual, delta = residual.gather(1, at), delta.gather(1, at)
+        h, _ = self.norm(residual, delta, step is not None and step.fused)
+        return self.lm_head(h).float()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward without cache: input_ids `[B, T]` -> logits `[B, T, V]` (float32)."""
@@ -265,7 +272,8 @@ class Transformer(nn.Module):
         if valid is not None:  # padding goes to the scratch slot, which the rope table also covers
             positions = torch.where(valid, positions, cache.max_len)
         backend = resolve_backend(self.attn_backend, self.device)
-        step = _Step(cache, positions, indices, capture, backend, self._head_index)
+        step = _Step(cache, positions, indices, capture, backend, backend == "triton" and T <= 16,
+                     self._head_index)
         return self._run(input_ids, positions, step, logits_at)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,

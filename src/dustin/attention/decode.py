@@ -165,7 +165,8 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=128 if sparse else 512)
     if block_n is None:
         block_n = 64 if D >= 128 else 128
-    out = torch.empty_like(q)
+    # written as [B, T, Hq, D] so the model's following reshape to [B, T, Hq * D] is free
+    out = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     if sparse:
         idx = indices if indices.dim() == 3 else indices[:, None]
         s_ib, s_ih, n_budget = idx.stride(0), (idx.stride(1) if idx.shape[1] > 1 else 0), idx.shape[-1]

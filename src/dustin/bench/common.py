@@ -87,7 +87,7 @@ def copy_bandwidth(device: torch.device, *, gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 2
     src = torch.randn(n // 2, device=device, dtype=torch.float32).view(torch.bfloat16)
     dst = torch.empty_like(src)
-    t = time_graph(lambda: dst.copy_(src), calls=5, replays=10)
+    t = time_graph(lambda: dst.copy_(src), calls=5, replays=20, warmup=20)  # warm-up lets the clocks ramp
     del src, dst
     return 2 * n * 2 / t
 

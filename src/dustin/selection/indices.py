@@ -38,7 +38,10 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
         return torch.arange(budget, device=dev)[None].expand(B, -1)
     rest = budget - n_sink - n_recent
     lens = seq_lens.long()
-    m = torch.as_tensor(m, device=dev).long().expand(B)[:, None]
+    if isinstance(m, int):  # a fill, not a host-to-device copy, so a captured graph may hold it
+        m = torch.full((B, 1), m, device=dev, dtype=torch.long)
+    else:
+        m = m.long().expand(B)[:, None]
     j = torch.arange(S, device=dev)[None]
     blocked = protected_mask(lens, S, n_sink=n_sink, n_recent=n_recent) | (j >= lens[:, None])
     neg = torch.finfo(torch.float32).min
