@@ -39,12 +39,12 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_attention_matches_reference(shape, splits):
+@pytest.mark.parametrize("splits,fuse", [(1, False), (3, False), (3, True)])
+def test_decode_attention_matches_reference(shape, splits, fuse):
     B, hq, hkv, T, D, lens = shape
     for dtype in DTYPES:
         q, k, v, sl = make(B, hq, hkv, T, D, max(lens) + T + 4, lens, dtype)
-        out = decode_attention(q, k, v, sl, n_splits=splits, block_n=32)
+        out = decode_attention(q, k, v, sl, n_splits=splits, block_n=32, fuse_combine=fuse)
         assert out.dtype == dtype and torch.isfinite(out).all()
         assert rel_err(out.float(), ref(reference.dense_attention, q, k, v, sl)) < TOL[dtype]
 
@@ -63,9 +63,12 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     idx = idx.view(B, heads, budget).clamp(min=-1).to(torch.int32)
     idx = idx if per_head else idx[:, 0].contiguous()
     # duplicated -1 entries are all skipped; make the kept ones unique per row
-    for splits in (1, 4):
-        out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16)
+    for splits, fuse in ((1, True), (4, False), (4, True)):
+        out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16, fuse_combine=fuse)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
+    # the merge semaphores are left at zero for the next launch
+    from dustin.attention.decode import _COUNTERS
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
 def test_sparse_over_every_entry_equals_dense():

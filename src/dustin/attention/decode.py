@@ -22,11 +22,11 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse,
+def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
                  n_kv_heads, n_budget, scale,
                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr):
+                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -85,6 +85,34 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse,
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None])
         tl.store(PartLse + part + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
+        if FUSE_COMBINE:
+            # the last split of this (sequence, KV head) to finish merges them all: one launch per layer
+            tl.debug_barrier()
+            done = tl.atomic_add(Counter + pid, 1, sem="acq_rel", scope="gpu")
+            if done == N_SPLITS - 1:
+                _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, h, s_ob, s_oh, s_ot,
+                       T, G, D, BLOCK_M, N_SPLITS)
+                tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
+
+
+@triton.jit
+def _merge(PartO, PartLse, Out, base, b, h, s_ob, s_oh, s_ot, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+           BLOCK_M: tl.constexpr, N_SPLITS: tl.constexpr):
+    """Merge the splits' normalised partial outputs by their log-sum-exp weights."""
+    rows = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in tl.static_range(N_SPLITS):
+        m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True))
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for s in tl.static_range(N_SPLITS):
+        w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True) - m)
+        total += w
+        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :], volatile=True)
+    row_ok = rows < G * T
+    o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
+    tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -92,23 +120,19 @@ def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
                     T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     N_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
-    b = pid // n_kv_heads
-    h = pid % n_kv_heads
-    rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, D)
-    base = pid * N_SPLITS * BLOCK_M
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in tl.static_range(N_SPLITS):
-        m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows))
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for s in tl.static_range(N_SPLITS):
-        w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows) - m)
-        total += w
-        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :])
-    row_ok = rows < G * T
-    o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
-    tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+    _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, pid // n_kv_heads, pid % n_kv_heads, s_ob, s_oh, s_ot,
+           T, G, D, BLOCK_M, N_SPLITS)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed semaphores, one per (sequence, KV head), kept across launches (each launch leaves them zero)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
 
 
 def _sm_count(device: torch.device) -> int:
@@ -149,7 +173,8 @@ def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
             raise DustinError("indices must be a contiguous integer tensor on the device of q")
 
 
-def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, check):
+def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
+            check):
     if check:
         _check(q, k_cache, v_cache, seq_lens, indices)
         # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
@@ -176,14 +201,16 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     if n_splits > 1:
         part_o = torch.empty(B * Hkv * n_splits * block_m, D, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(B * Hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
+    fuse = fuse_combine and n_splits > 1
+    counter = _counters(q.device, B * Hkv) if fuse else seq_lens
     _attn_kernel[(B * Hkv, n_splits)](
-        q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse,
+        q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, LOG2E / math.sqrt(D),
-        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse,
+        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse,
         num_warps=num_warps, num_stages=num_stages)
-    if n_splits > 1:
+    if n_splits > 1 and not fuse:
         _combine_kernel[(B * Hkv,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
                                     T=T, G=G, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
     return out
@@ -191,7 +218,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, *,
                      n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                     num_stages: int = 3, check: bool = True) -> torch.Tensor:
+                     num_stages: int = 3, fuse_combine: bool = False, check: bool = True) -> torch.Tensor:
     """Full-cache attention of `T` new queries per sequence (causal among them).
 
     q: `[B, Hq, T, D]`; k_cache, v_cache: `[B, Hkv, S, D]` with the new tokens written at
@@ -199,13 +226,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (and their host sync) on a hot path whose shapes are already known good.
     """
     return _launch(q, k_cache, v_cache, seq_lens, None, n_splits=n_splits, block_n=block_n,
-                   num_warps=num_warps, num_stages=num_stages, check=check)
+                   num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check)
 
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
+                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True,
+                     check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
-    are skipped) plus the `T` new tokens. Shapes as `decode_attention`."""
+    are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
+    in the kernel's last program instead of a second launch (launches dominate this small read)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
-                   num_warps=num_warps, num_stages=num_stages, check=check)
+                   num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check)

@@ -209,7 +209,8 @@ def default_selection(target: Transformer, draft: Transformer, budget: int) -> S
 def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), methods=tuple(METHODS), gamma=4,
         budget=512, draft_budget=512, accept=2.2, measured: dict | None = None, replays=20, progress=print) -> dict:
     dev = torch.device("cuda")
-    bw = copy_bandwidth(dev)
+    copy = copy_bandwidth(dev)
+    bw = copy["best"]
     progress(f"device-to-device copy: {bw / 1e12:.2f} TB/s")
     dist = acceptance_distribution(accept, gamma)
     results = []
@@ -243,7 +244,7 @@ def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), m
                 torch.cuda.empty_cache()
         del target, draft
         torch.cuda.empty_cache()
-    record = {"copy_bandwidth_Bps": bw, "accept_paper": accept, "accept_distribution": dist,
+    record = {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "accept_paper": accept, "accept_distribution": dist,
               "selection": sel.to_dict(), "results": results}
     add_throughput(record, measured or {})
     return record

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import reference
-from ..attention.decode import decode_attention, sparse_attention
+from ..attention.decode import decode_attention, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
 from ..selection.indices import budget_split
 from ..shapes import get_shape
@@ -26,6 +26,13 @@ PAPER_SHAPES = ("qwen2.5-72b", "qwen2.5-7b", "llama-3.1-8b")
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _best(variants: dict[str, callable], **timing) -> tuple[str, float, dict]:
+    """Time every variant; return the fastest's name and time, and all times."""
+    times = {name: time_graph(fn, **timing) for name, fn in variants.items()}
+    name = min(times, key=times.get)
+    return name, times[name], times
 
 
 def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: int = 512, n_sets: int = 16,
@@ -50,13 +57,22 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_rel_err"] = _rel(sparse_attention(q, k, v, lens, sets[0]),
                                  reference.sparse_attention(q, k, v, lens, sets[0]))
 
-    out["full_s"] = time_graph(lambda: decode_attention(q, k, v, lens, check=False))
+    splits = plan_splits(B, Hkv, S, k.device)
+    full = {f"splits{n}-bn{bn}-w{w}": (lambda n=n, bn=bn, w=w: decode_attention(
+        q, k, v, lens, n_splits=n, block_n=bn, num_warps=w, check=False))
+        for n in sorted({splits, 2 * splits, max(1, splits // 2)}) for bn, w in ((64, 4), (128, 8))}
+    out["full_config"], out["full_s"], out["full_variants_s"] = _best(full)
     if sdpa:  # what a user of PyTorch would run: SDPA with a boolean mask for the causal tail
         mask = reference.new_token_mask(lens, T, S)[:, None]
         out["sdpa_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
                                         calls=3, replays=7)
-    out["sparse_s"] = time_graph(lambda: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], check=False),
-                                 calls=n_sets)
+        # without the mask (new tokens see each other both ways): cheaper, not the same result
+        out["sdpa_nomask_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                                               calls=3, replays=7)
+    sparse = {f"splits{n}-bn{bn}-{'fused' if fuse else 'combine'}": (lambda n=n, bn=bn, fuse=fuse: sparse_attention(
+        q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn, fuse_combine=fuse, check=False))
+        for n in (1, 2, 4, 8) for bn in (32, 64) for fuse in ((True,) if n == 1 else (True, False))}
+    out["sparse_config"], out["sparse_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
     out["sparse_bytes"] = 2 * B * Hkv * (budget + T) * D * k.element_size()
@@ -66,7 +82,10 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     q_s = q[:, : len(heads), :1].contiguous()
     out["score_rel_err"] = float((score_positions(q_s, k, lens, heads) -
                                   reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
-    out["score_s"] = time_graph(lambda: score_positions(q_s, k, lens, heads, check=False))
+    score = {f"splits{n}-bn{bn}-w{w}": (lambda n=n, bn=bn, w=w: score_positions(
+        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, check=False))
+        for n in (16, 32, 64) for bn, w in ((64, 4), (128, 4), (128, 8))}
+    out["score_config"], out["score_s"], out["score_variants_s"] = _best(score)
     out["score_key_bytes"] = B * (context + 1) * D * k.element_size()
     s_T = torch.rand(B, S, device=device, generator=g)
     s_D = torch.rand(B, S, device=device, generator=g)
@@ -82,8 +101,10 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
 def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), gamma: int = 4, budget: int = 512,
         sdpa: bool = True, progress=print) -> dict:
     device = torch.device("cuda")
-    bw = copy_bandwidth(device)
-    progress(f"device-to-device copy: {bw / 1e12:.2f} TB/s")
+    copy = copy_bandwidth(device)
+    bw = copy["best"]
+    progress(f"device-to-device copy: {copy['memcpy'] / 1e12:.2f} TB/s (copy engine), "
+             f"{copy['sm_kernel'] / 1e12:.2f} TB/s (SM kernel)")
     cases = []
     for shape in shapes:
         for ctx in contexts:
@@ -95,11 +116,11 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
                 cases.append(c)
                 progress(f"{shape} {ctx} x{b}: full {c['full_s'] * 1e3:.3f} ms ({c['full_bw_frac']:.0%} of copy bw; "
                          f"floor {c['floor_full_s'] * 1e3:.3f} ms; SDPA {c.get('sdpa_full_s', 0) * 1e3:.2f} ms), "
-                         f"sparse {c['sparse_s'] * 1e6:.1f} us (gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
-                         f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}), select "
-                         f"{c['select_s'] * 1e6:.1f} us, dustin/layer {c['dustin_layer_s'] * 1e6:.1f} us = "
-                         f"{c['dustin_speedup']:.1f}x")
-    return {"copy_bandwidth_Bps": bw, "cases": cases}
+                         f"sparse {c['sparse_s'] * 1e6:.1f} us [{c['sparse_config']}] (gather+SDPA "
+                         f"{c['gather_sdpa_s'] * 1e6:.1f}), score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}) "
+                         f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us, dustin/layer "
+                         f"{c['dustin_layer_s'] * 1e6:.1f} us = {c['dustin_speedup']:.1f}x")
+    return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "cases": cases}
 
 
 def table(record: dict) -> str:

@@ -1,6 +1,8 @@
 """Index-set building blocks shared by the policies. All run on the device without host syncs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -24,6 +26,55 @@ def protected_mask(seq_lens: torch.Tensor, size: int, *, n_sink: int, n_recent: 
     return (j < n_sink) | ((j >= lens - n_recent) & (j < lens))
 
 
+@dataclass
+class Candidates:
+    """The best `rest` free positions by each signal, best first: everything a budget split needs.
+
+    One top-k ranks both signals at once; any split `m` is then a cheap merge, without another top-k.
+    """
+
+    lookahead: torch.Tensor  # [B, rest] positions ranked by the draft's lookahead score
+    history: torch.Tensor  # [B, rest] positions ranked by the target's history score
+    lens: torch.Tensor  # [B]
+    size: int  # S, the length of the score rows
+
+    @classmethod
+    def rank(cls, history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch.Tensor, *, rest: int,
+             n_sink: int, n_recent: int) -> "Candidates":
+        B, S = history.shape
+        lens = seq_lens.long()
+        j = torch.arange(S, device=history.device)[None]
+        blocked = protected_mask(lens, S, n_sink=n_sink, n_recent=n_recent) | (j >= lens[:, None])
+        scores = torch.stack([lookahead, history]).float().masked_fill(blocked, torch.finfo(torch.float32).min)
+        top = scores.view(2 * B, S).topk(rest, dim=1).indices.view(2, B, rest)
+        return cls(top[0], top[1], lens, S)
+
+    def split(self, m: torch.Tensor | int) -> torch.Tensor:
+        """`[B, rest]`: the top-`m` lookahead positions, then the best history positions not among them."""
+        B, rest = self.history.shape
+        dev = self.history.device
+        if isinstance(m, int):  # a fill, not a host-to-device copy, so a captured graph may hold it
+            m = torch.full((B, 1), m, device=dev, dtype=torch.long)
+        else:
+            m = m.long().expand(B)[:, None]
+        slot = torch.arange(rest, device=dev).expand(B, -1)
+        rank = torch.full((B, self.size), rest, device=dev, dtype=torch.long).scatter(1, self.lookahead, slot)
+        keep = rank.gather(1, self.history) >= m  # not already taken as one of the top-m lookahead picks
+        order = keep.long().cumsum(1) - 1
+        dest = torch.where(keep & (order < rest - m), order + m, rest)  # column `rest` collects the unused
+        chosen = torch.cat([torch.where(slot < m, self.lookahead, 0), slot[:, :1]], 1)
+        return chosen.scatter(1, dest, self.history)[:, :rest]
+
+    def assemble(self, chosen: torch.Tensor, *, budget: int, n_sink: int, n_recent: int) -> torch.Tensor:
+        """Sinks + chosen + recent window, or `0..budget-1` for sequences shorter than the budget."""
+        B = chosen.shape[0]
+        dev = chosen.device
+        recent = self.lens[:, None] - n_recent + torch.arange(n_recent, device=dev)[None]
+        sinks = torch.arange(n_sink, device=dev)[None].expand(B, -1)
+        idx = torch.cat([sinks, chosen, recent], dim=1)
+        return torch.where(self.lens[:, None] < budget, torch.arange(budget, device=dev)[None], idx)
+
+
 def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch.Tensor, m: torch.Tensor | int, *,
                  budget: int, n_sink: int, n_recent: int) -> torch.Tensor:
     """Dustin's selection: P (sinks + recent) + top-`m` of `lookahead` + top of `history` for the rest.
@@ -33,24 +84,8 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     `budget` gets `0..budget-1` (read in full: attention ignores entries past its length).
     """
     B, S = history.shape
-    dev = history.device
     if S <= budget:  # no sequence can outgrow the budget
-        return torch.arange(budget, device=dev)[None].expand(B, -1)
+        return torch.arange(budget, device=history.device)[None].expand(B, -1)
     rest = budget - n_sink - n_recent
-    lens = seq_lens.long()
-    if isinstance(m, int):  # a fill, not a host-to-device copy, so a captured graph may hold it
-        m = torch.full((B, 1), m, device=dev, dtype=torch.long)
-    else:
-        m = m.long().expand(B)[:, None]
-    j = torch.arange(S, device=dev)[None]
-    blocked = protected_mask(lens, S, n_sink=n_sink, n_recent=n_recent) | (j >= lens[:, None])
-    neg = torch.finfo(torch.float32).min
-    slot = torch.arange(rest, device=dev)[None]
-    from_draft = lookahead.float().masked_fill(blocked, neg).topk(rest, dim=1).indices  # [B, rest] best first
-    taken = torch.zeros(B, S, dtype=torch.bool, device=dev).scatter_(1, from_draft, slot < m)
-    from_target = history.float().masked_fill(blocked | taken, neg).topk(rest, dim=1).indices
-    chosen = torch.where(slot < m, from_draft, from_target.gather(1, (slot - m).clamp(min=0)))
-    recent = lens[:, None] - n_recent + torch.arange(n_recent, device=dev)[None]
-    sinks = torch.arange(n_sink, device=dev)[None].expand(B, -1)
-    idx = torch.cat([sinks, chosen, recent], dim=1)
-    return torch.where(lens[:, None] < budget, torch.arange(budget, device=dev)[None], idx)
+    cands = Candidates.rank(history, lookahead, seq_lens, rest=rest, n_sink=n_sink, n_recent=n_recent)
+    return cands.assemble(cands.split(m), budget=budget, n_sink=n_sink, n_recent=n_recent)

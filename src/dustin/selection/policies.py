@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .. import attention
 from ..config import SelectionConfig
 from ..model import QueryCapture, Transformer
-from .indices import budget_split, streaming_indices
+from .indices import Candidates, budget_split, streaming_indices
 
 
 def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
@@ -181,13 +181,10 @@ class Dustin(Policy):
         """Move each sequence's m toward the split that would have caught most of this step's attention."""
         c = self.config
         rest = c.budget - c.fixed
+        cands = Candidates.rank(self.s_T, self.s_D, target.seq_lens, rest=rest, n_sink=c.n_sink, n_recent=c.n_recent)
         grid = torch.linspace(0, rest, c.adapt_grid, device=truth.device).round().long()
-        caught = []
-        for m in grid:
-            idx = budget_split(self.s_T, self.s_D, target.seq_lens, m, budget=c.budget, n_sink=c.n_sink,
-                               n_recent=c.n_recent)
-            caught.append(truth.gather(1, idx.clamp(0, truth.shape[1] - 1)).sum(1))
-        best = grid[torch.stack(caught, 1).argmax(1)].float()
+        caught = torch.stack([truth.gather(1, cands.split(m)).sum(1) for m in grid], 1)
+        best = grid[caught.argmax(1)].float()
         upd = (1 - c.adapt_rate) * self.m + c.adapt_rate * best
         self.m.copy_(torch.where(live.bool(), upd, self.m))
         if not (self.m.is_cuda and torch.cuda.is_current_stream_capturing()):
