@@ -125,8 +125,7 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     block_m = max(16, triton.next_power_of_2(hg * T))
     # a power of two: the merge kernel loads the splits' statistics as one vector
     n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device))
-    if block_n is None:
-        block_n = 64 if D >= 128 else 128
+    block_n = block_n or 128
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
     part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
