@@ -320,7 +320,8 @@ def cmd_bench(args) -> None:
         measured = bench.load_measured(args.acceptance_json) if args.acceptance_json else None
         record = bench.run(pairs=args.pairs.split(","), contexts=_ints(args.contexts), batches=_ints(args.batches),
                            methods=args.methods.split(","), gamma=args.gamma, budget=args.budget,
-                           draft_budget=args.draft_budget, measured=measured, replays=args.replays)
+                           draft_budget=args.draft_budget, measured=measured, replays=args.replays,
+                           profile=args.profile)
     record["device"] = info
     common.write_record(out / f"{args.what}.json", command, record)
     (out / f"{args.what}.md").write_text(f"`{command}`\n\n" + bench.table(record) + "\n")
@@ -411,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-budget", type=int, default=512, help="e2e: magicdec's draft KV entries")
     s.add_argument("--replays", type=int, default=20, help="e2e: timed steps per method")
     s.add_argument("--no-sdpa", action="store_true", help="kernels: skip the slow SDPA baseline")
+    s.add_argument("--profile", action="store_true", help="e2e: record the kernels each step spends its time in")
     s.add_argument("--acceptance-json", help="e2e: `dustin eval` acceptance results for measured throughput")
     s.add_argument("--out-dir", default="benchmarks")
     s.set_defaults(func=cmd_bench)

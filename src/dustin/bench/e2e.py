@@ -118,7 +118,8 @@ def time_replays(fn, restore, *, replays: int, before=None) -> list[float]:
 
 
 def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
-                 budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int) -> dict:
+                 budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
+                 profile: bool = False) -> dict:
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
     cfg = SpecConfig(gamma=gamma, max_len=context + SLACK, draft_budget=draft_budget, **spec)
@@ -177,8 +178,28 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
     phases["accept"] = lambda: greedy_accept(st.drafted, logits) if cfg.method != "ar" else logits[:, 0].argmax(-1)
     for phase, fn in phases.items():
         out[f"{phase}_s"] = statistics.median(time_replays(fn, restore, replays=max(5, replays // 2)))
+    if profile:
+        out["kernels"] = _profile(lambda: gen._step(st, None, _NO_CLOCK), restore)
     del gen
     return out
+
+
+def _profile(fn, restore, replays: int = 3) -> list[dict]:
+    """The kernels one captured step spends its time in, per step, most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    restore()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+            torch.cuda.synchronize()
+            restore()
+    rows = [{"kernel": e.key[:90], "per_step_us": e.device_time_total / replays, "count": e.count // replays}
+            for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r["per_step_us"])[:25]
 
 
 def _attention_only(model: Transformer, T: int, indices) -> None:
@@ -207,7 +228,8 @@ def default_selection(target: Transformer, draft: Transformer, budget: int) -> S
 
 
 def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), methods=tuple(METHODS), gamma=4,
-        budget=512, draft_budget=512, accept=2.2, measured: dict | None = None, replays=20, progress=print) -> dict:
+        budget=512, draft_budget=512, accept=2.2, measured: dict | None = None, replays=20, profile=False,
+        progress=print) -> dict:
     dev = torch.device("cuda")
     copy = copy_bandwidth(dev)
     bw = copy["best"]
@@ -229,7 +251,8 @@ def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), m
                 _fill(draft, b, ctx, ctx + SLACK)
                 for name in methods:
                     r = bench_method(name, target, draft, batch=b, context=ctx, gamma=gamma, budget=budget,
-                                     draft_budget=draft_budget, sel=sel, dist=dist, replays=replays)
+                                     draft_budget=draft_budget, sel=sel, dist=dist, replays=replays,
+                                     profile=profile)
                     r.update(pair=f"{t_name}/{d_name}", target=t_name, draft=d_name, method=name, context=ctx,
                              batch=b, gamma=gamma, budget=budget)
                     r["bytes"] = step_bytes(name, target, draft, batch=b, context=ctx, gamma=gamma, budget=budget,

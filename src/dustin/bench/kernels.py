@@ -29,10 +29,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _best(variants: dict[str, callable], **timing) -> tuple[str, float, dict]:
-    """Time every variant; return the fastest's name and time, and all times."""
-    times = {name: time_graph(fn, **timing) for name, fn in variants.items()}
-    name = min(times, key=times.get)
-    return name, times[name], times
+    """Time every variant; return the fastest's name and time, and all times (a variant the compiler
+    cannot fit, say in shared memory, is recorded as failed)."""
+    times = {}
+    for name, fn in variants.items():
+        try:
+            times[name] = time_graph(fn, **timing)
+        except Exception as e:  # noqa: BLE001 - a failed variant is a result, not a crash
+            times[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+    ok = {k: v for k, v in times.items() if isinstance(v, float)}
+    name = min(ok, key=ok.get)
+    return name, ok[name], times
 
 
 def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: int = 512, n_sets: int = 16,
@@ -73,9 +80,9 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     sparse = {f"splits{n}-bn{bn}-w{w}-{'fused' if fuse else 'combine'}": (
         lambda n=n, bn=bn, w=w, fuse=fuse: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], n_splits=n,
                                                            block_n=bn, num_warps=w, fuse_combine=fuse, check=False))
-        for n, bn, w, fuse in ((None, None, 4, True), (2, 64, 4, True), (4, 64, 4, True), (2, 64, 4, False),
-                               (4, 32, 4, True), (2, 256, 8, True), (4, 128, 8, True), (4, 128, 4, True),
-                               (8, 64, 4, True), (1, 64, 4, True))}
+        for n, bn, w, fuse in ((None, None, 4, True), (None, None, 8, True), (2, 64, 4, True), (4, 64, 4, True),
+                               (2, 64, 4, False), (4, 128, 8, True), (4, 128, 4, True), (8, 64, 4, True),
+                               (8, 64, 8, True), (1, 64, 4, True))}
     out["sparse_config"], out["sparse_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
