@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -13,6 +14,9 @@ import torch
 
 
 def git_revision() -> str:
+    """The checkout's commit (`-dirty` with local changes), or `$DUSTIN_GIT_REVISION` where there is no git."""
+    if os.environ.get("DUSTIN_GIT_REVISION"):
+        return os.environ["DUSTIN_GIT_REVISION"]
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
