@@ -332,6 +332,58 @@ def cmd_bench(args) -> None:
 _ARGV: list[str] = []
 
 
+def cmd_eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .bench.common import git_revision
+    from .eval import report
+    from .eval.runner import RUNNERS, EvalConfig, make_context, run_task
+
+    tasks = args.task.split(",")
+    unknown = [t for t in tasks if t not in RUNNERS]
+    if unknown:
+        raise DustinError(f"unknown task(s) {unknown}; choose from {', '.join(RUNNERS)}")
+    try:
+        budgets = tuple(float(x) for x in args.budgets.split(","))
+    except ValueError:
+        raise DustinError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from None
+    out = Path(args.out_dir)
+    results = {}
+    models = None
+    for task in tasks:
+        cfg = EvalConfig(task=task, context=args.context, budgets=budgets, policies=tuple(args.policies.split(",")),
+                         limit=args.limit, gamma=args.gamma, new_tokens=args.new_tokens, continuation=args.continuation,
+                         seed=args.seed, dtype=args.dtype, target=args.target, draft=args.draft, data=args.data,
+                         selection_config=args.selection_config, guard=args.guard)
+        if models is None:
+            with console.status("loading models ..."):
+                ctx = make_context(cfg, device=args.device)
+            models = (ctx.target, ctx.draft, ctx.tokenizer, ctx.tuned)
+        else:
+            ctx = make_context(cfg, models=models)
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            job = bar.add_task(task, total=cfg.limit)
+            from .eval.runner import Store, build_samples
+
+            done = len([s for s in build_samples(ctx) if s.id in Store(out / f"{RUNNERS[task]}.jsonl").records])
+            bar.update(job, completed=done)
+            result = run_task(ctx, out, progress=lambda sid, sec: bar.advance(job))
+        record = {"command": "dustin " + " ".join(_ARGV), "git_revision": git_revision(), "task": task,
+                  "settings": ctx.settings, "models": {"target": args.target, "draft": args.draft,
+                  "note": "Qwen2.5-Coder-Instruct GGUF quantised to 4-5 bits, dequantised"}, **result}
+        (out / f"{task}.json").write_text(json.dumps(record, indent=1))
+        md = report.table(task, result, args.context)
+        (out / f"{task}.md").write_text(f"`{record['command']}`\n\n{md}\n")
+        console.print(md, markup=False, highlight=False)
+        results[task] = result
+    report.plot(results, args.context, out / f"{'-'.join(tasks)}.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dustin", description="Long-context batched speculative decoding with "
                                 "draft-augmented sparse verification.")
@@ -399,6 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("eval", help="accuracy on the real pair: ppl, retrieval, agreement, acceptance, recovery")
+    s.add_argument("task", help="one or more of ppl, recovery, retrieval, agreement, acceptance (comma-separated)")
+    s.add_argument("--target", default="default:target")
+    s.add_argument("--draft", default="default:draft")
+    s.add_argument("--selection-config", help="tuned config JSON (default: the shipped one for the default pair)")
+    s.add_argument("--data", help="text file or folder of .txt files (default: the books)")
+    s.add_argument("--context", type=int, default=2048, help="tokens of context per sample")
+    s.add_argument("--budgets", default="0.016,0.03,0.06", help="budgets as fractions of the context")
+    s.add_argument("--policies", default="full,dustin,dustin-adaptive,dustin-guard,history,lookahead,oracle,"
+                   "streaming,snapkv,quest")
+    s.add_argument("--limit", type=int, default=4, help="samples")
+    s.add_argument("--gamma", type=int, default=4)
+    s.add_argument("--new-tokens", type=int, default=48, help="agreement: tokens generated per method")
+    s.add_argument("--continuation", type=int, default=160, help="ppl: tokens scored after the context")
+    s.add_argument("--guard", type=float, default=0.6, help="recovery threshold of the dustin-guard policy")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out-dir", default="benchmarks/eval")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="GPU speed benchmarks: attention kernels, or whole decoding steps")
     s.add_argument("what", choices=["kernels", "e2e"])

@@ -178,8 +178,13 @@ class Generator:
     # --- the loop ---------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts, *, max_new_tokens: int | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None) -> GenerationResult:
-        """Generate for a batch of prompts (strings or token lists); `on_tokens(row, tokens)` streams."""
+                 on_tokens: Callable[[int, list[int]], None] | None = None, reuse_prefill: bool = False) -> GenerationResult:
+        """Generate for a batch of prompts (strings or token lists); `on_tokens(row, tokens)` streams.
+
+        `reuse_prefill=True` starts from caches that already hold every prompt but its last token (as a
+        previous `generate` or `prefill` left them after rolling back), so evaluations can compare
+        methods on one prefill.
+        """
         cfg = self.config
         max_new = max_new_tokens or cfg.max_new_tokens
         if max_new < 1:
@@ -198,7 +203,10 @@ class Generator:
                 raise DustinError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new}) needs "
                                   f"{need} positions but the model has {model.args.max_position_embeddings}; "
                                   "shorten the prompt or generate fewer tokens")
-            self._setup(model, B, max_len)
+            if reuse_prefill:
+                self._check_prefilled(model, prompts, need)
+            else:
+                self._setup(model, B, max_len)
 
         stats = self.stats = SpecStats(cfg.method, gamma if use_draft else 0, B)
         clock = _Clock(stats, dev)
@@ -208,9 +216,10 @@ class Generator:
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p, device=dev)
         with clock("prefill"):
-            self.target.prefill(ids[:, :-1], lens - 1)
-            if use_draft:
-                self.draft.prefill(ids[:, :-1], lens - 1)
+            if not reuse_prefill:
+                self.target.prefill(ids[:, :-1], lens - 1)
+                if use_draft:
+                    self.draft.prefill(ids[:, :-1], lens - 1)
             if self.policy is not None:
                 self.policy.reset(self.target, self.draft, ids, lens - 1)
 
@@ -233,6 +242,14 @@ class Generator:
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out] if self.tokenizer else None
         return GenerationResult(out, texts, reasons, stats)
+
+    @staticmethod
+    def _check_prefilled(model: Transformer, prompts: list[list[int]], need: int) -> None:
+        c = model.cache
+        want = [len(p) - 1 for p in prompts]
+        if c is None or c.batch != len(prompts) or c.seq_lens.tolist() != want or c.max_len < need:
+            raise DustinError(f"reuse_prefill needs caches holding each prompt but its last token ({want}) with room "
+                              f"for {need} positions; found {None if c is None else c.seq_lens.tolist()}")
 
     def _graphs_ok(self) -> bool:
         """Capture the step in a CUDA graph: on CUDA, greedy, and with a policy that never syncs."""

@@ -54,6 +54,26 @@ def selected_mask(indices, seq_lens: torch.Tensor, size: int, n_new: int, n_laye
     return mask | new[None, :, None]
 
 
+def layer_probs(target: Transformer, capture: QueryCapture) -> list[torch.Tensor]:
+    """Per layer `[B, H, T, L]`: the full attention of a captured pass (all heads) over the cache."""
+    return [reference.attention_probs(capture.q[layer], target.cache.k[layer], target.seq_lens)
+            for layer in range(target.args.n_layers)]
+
+
+def recovery_from_probs(probs: list[torch.Tensor], indices, seq_lens: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """`[n_layers, B]`: per layer, the share of the attention mass (mean over heads and queries) that a
+    pass reading `indices` plus the new tokens would have seen. indices: None, one tensor for every
+    layer, or a list with one per layer."""
+    out = []
+    for layer, p in enumerate(probs):
+        B, H, T, L = p.shape
+        idx = indices[layer] if isinstance(indices, (list, tuple)) else indices
+        mask = selected_mask(idx, seq_lens, L, T, 1, n_kv_heads)[0]  # [B, Hkv, L]
+        m = mask.repeat_interleave(H // n_kv_heads, dim=1)
+        out.append((p * m[:, :, None]).sum(-1).mean((1, 2)))
+    return torch.stack(out)
+
+
 def recovery(target: Transformer, tokens: torch.Tensor, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention recovery rate of `indices` for verifying `tokens [B, T]`.
 
@@ -64,19 +84,9 @@ def recovery(target: Transformer, tokens: torch.Tensor, indices) -> tuple[torch.
     args = target.args
     capture = capture_all(target)
     target.decode(tokens, capture=capture, check=False)
-    lens = target.seq_lens
-    S, T = target.cache.k.shape[3], tokens.shape[1]
     if callable(indices):
-        indices = torch.stack([_as_3d(indices(layer, capture.q[layer]), args.n_kv_heads)
-                               for layer in range(args.n_layers)])
-    mask = selected_mask(indices, lens, S, T, args.n_layers, args.n_kv_heads)
-    per_layer = []
-    for layer in range(args.n_layers):
-        probs = reference.attention_probs(capture.q[layer], target.cache.k[layer], lens)  # [B, H, T, L]
-        L = probs.shape[-1]
-        m = mask[layer][:, :, :L].repeat_interleave(args.group_size, dim=1)  # [B, H, L]
-        per_layer.append((probs * m[:, :, None]).sum(-1).mean((1, 2)))
-    per_layer = torch.stack(per_layer)
+        indices = [_as_3d(indices(layer, capture.q[layer]), args.n_kv_heads) for layer in range(args.n_layers)]
+    per_layer = recovery_from_probs(layer_probs(target, capture), indices, target.seq_lens, args.n_kv_heads)
     return per_layer.mean(0), per_layer
 
 

@@ -2,7 +2,8 @@
 
 The engine drives a policy through five calls per step:
     reset(target, draft, ids, lengths)        once, after prefill
-    observe_draft(draft, capture, at)         after each draft pass (before it commits)
+    observe_draft(draft, capture, at)         after each draft pass (before it commits); `at` [B, K] marks the
+                                              first pass of a step and which of its queries propose tokens
     select(target, tokens) -> indices | None  before verification; None reads the whole cache
     needs_full(target, capture) -> bool       after the sparse pass: the optional guard
     observe_target(target, capture, n_acc, live)  after acceptance (before the target commits)
@@ -108,15 +109,27 @@ class Dustin(Policy):
         self.indices = torch.zeros(B, self.config.budget, dtype=torch.long, device=dev)
         self.has_history = self.has_indices = False
         self.m_trace = []
+        if ids is not None and self._target_capture is not None and int(lengths.min()) >= 1:
+            self._warm_history(target, ids, lengths)
+
+    def _warm_history(self, target, ids, lengths) -> None:
+        """The first history signal, from the last prompt token's query: re-run that token (its K/V are
+        rewritten unchanged) so the very first verification can already be sparse."""
+        last = ids.gather(1, (lengths.long() - 1)[:, None])
+        target.rollback(1)
+        target.decode(last, capture=self._target_capture)
+        self.s_T.copy_(score_heads(target, self._target_capture)[:, 0])
+        target.commit(1)
+        self.has_history = True
 
     def draft_capture(self):
         return self._draft_capture
 
     def observe_draft(self, draft, capture, at):
         scores = score_heads(draft, capture)  # [B, T, S_draft]
-        if at is not None:  # the first pass of a step: a new lookahead sum, from the real query only
+        if at is not None:  # the first pass of a step: a new lookahead sum, from the queries `at` [B, K] only
             self.s_D.zero_()
-            scores = scores.gather(1, at[:, :, None].expand(-1, 1, scores.shape[2]))
+            scores = scores.gather(1, at[:, :, None].expand(-1, -1, scores.shape[2]))
         n = min(scores.shape[2], self.s_D.shape[1])
         self.s_D[:, :n] += scores.sum(1)[:, :n]
 
