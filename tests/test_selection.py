@@ -165,3 +165,43 @@ def test_selection_config_round_trip_and_errors():
         SelectionConfig.from_dict({"budgett": 3})
     with pytest.raises(DustinError, match="unknown selection policy"):
         SelectionConfig(policy="magic").validate()
+
+
+def test_profiles_and_tuned_configs_round_trip_and_refuse_other_models(tmp_path):
+    from dustin.selection.heads import HeadProfile, fingerprint
+    from dustin.selection.tuning import TunedConfig
+
+    target, draft = _pair()
+    other = tiny_model(seed=5)
+    prof = HeadProfile(model=fingerprint(target), scores=torch.rand(2, 4).tolist(), samples=3, successful=2,
+                       seconds=1.5, settings={"context": 128})
+    prof.save(tmp_path / "p.json")
+    again = HeadProfile.load(tmp_path / "p.json", target)
+    assert again == prof and again.top_heads(2) == prof.top_heads(2)
+    with pytest.raises(DustinError, match="made for another model"):
+        HeadProfile.load(tmp_path / "p.json", other)
+    sel = SelectionConfig(policy="dustin", budget=64, m=22, **HEADS)
+    tuned = TunedConfig(fingerprint(target), fingerprint(draft), sel.to_dict(), 0.5, {"seconds": 3.0})
+    tuned.save(tmp_path / "t.json")
+    loaded = TunedConfig.load(tmp_path / "t.json")
+    assert loaded.selection_config(target, draft) == sel
+    assert loaded.selection_config(target, draft, budget=128).m == 54  # m scales with the budget
+    with pytest.raises(DustinError, match="made for another model"):
+        loaded.selection_config(other, draft)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DustinError, match="not a tuned dustin config"):
+        TunedConfig.load(tmp_path / "bad.json")
+
+
+def test_trace_recorder_and_search_pick_layers_and_m():
+    from dustin.selection.tuning import TraceRecorder, search
+
+    target, draft = _pair()
+    rec = TraceRecorder({0: [0, 1], 1: [2, 3]}, {0: [0, 1], 1: [1, 2]})
+    Generator(target, draft, SpecConfig(method="dustin", max_new_tokens=16, stop_tokens=()),
+              policy=rec).generate(PROMPTS[:2])
+    traces = rec.traces()
+    assert traces.history.shape[0] == 2 and traces.lookahead.shape[0] == 2 and traces.lens.shape[0] > 4
+    result = search(traces, budget=64, n_recent=8, trials=5)
+    assert result["target_layer"] in (0, 1) and 0 <= result["m"] <= 64 - 12
+    assert 0 < result["recovery_history_only"] <= result["recovery"] + 1e-6 <= 1 + 1e-6

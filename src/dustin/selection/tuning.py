@@ -135,6 +135,8 @@ def search(traces: Traces, *, budget: int, n_sink: int = 4, n_recent: int = 16, 
         for d in range(traces.lookahead.shape[0]):
             if d not in chosen:
                 scores[d] = max(traces.recovery([t_layer], chosen + [d], m, **kw) for m in grid)
+        if not scores:  # every draft layer is in
+            break
         d, score = max(scores.items(), key=lambda kv: kv[1])
         if score <= best + 1e-4:
             break
