@@ -384,6 +384,17 @@ def cmd_eval(args) -> None:
     report.plot(results, args.context, out / f"{'-'.join(tasks)}.png")
 
 
+def _pair_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--target", default="default:target", help="target model source (default: %(default)s)")
+    s.add_argument("--draft", default="default:draft", help="draft model source (default: %(default)s)")
+
+
+def _run_args(s: argparse.ArgumentParser, *, data_help: str) -> None:
+    s.add_argument("--data", help=data_help)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dustin", description="Long-context batched speculative decoding with "
                                 "draft-augmented sparse verification.")
@@ -397,8 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("generate", help="speculative generation, streamed, with statistics at the end")
-    s.add_argument("--target", default="default:target", help="target model source (default: %(default)s)")
-    s.add_argument("--draft", default="default:draft", help="draft model source (default: %(default)s)")
+    _pair_args(s)
     s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     s.add_argument("--prompt-file", action="append", help="file whose text is a prompt (repeatable)")
     s.add_argument("--prompt-tokens", type=int, default=0, help="keep only the first N tokens of each prompt")
@@ -424,21 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("profile-heads", help="find retrieval heads (CompressKV procedure) and write a JSON profile")
     s.add_argument("--model", required=True, help="model source")
-    s.add_argument("--data", help="text file or folder of .txt files for haystacks (default: the books)")
+    _run_args(s, data_help="text file or folder of .txt files for haystacks (default: the books)")
     s.add_argument("--samples", type=int, default=8, help="needle prompts")
     s.add_argument("--context", type=int, default=2048, help="tokens per prompt")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_profile_heads)
 
     s = sub.add_parser("tune", help="choose target/draft scoring layers and the split m from verification traces")
-    s.add_argument("--target", default="default:target")
-    s.add_argument("--draft", default="default:draft")
+    _pair_args(s)
+    _run_args(s, data_help="text file or folder for the trace prompts (default: the books)")
     s.add_argument("--target-profile", help="head profile JSON of the target (default: the shipped one)")
     s.add_argument("--draft-profile", help="head profile JSON of the draft (default: the shipped one)")
     s.add_argument("--heads", type=int, default=4, help="retrieval heads per layer")
-    s.add_argument("--data", help="text file or folder for the trace prompts (default: the books)")
     s.add_argument("--prompts", type=int, default=6)
     s.add_argument("--context", type=int, default=2048, help="tokens per trace prompt")
     s.add_argument("--new-tokens", type=int, default=48, help="tokens generated per trace prompt")
@@ -447,17 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-sink", type=int, default=4)
     s.add_argument("--n-recent", type=int, default=16)
     s.add_argument("--trials", type=int, default=40, help="Optuna trials for m")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("eval", help="accuracy on the real pair: ppl, retrieval, agreement, acceptance, recovery")
     s.add_argument("task", help="one or more of ppl, recovery, retrieval, agreement, acceptance (comma-separated)")
-    s.add_argument("--target", default="default:target")
-    s.add_argument("--draft", default="default:draft")
+    _pair_args(s)
+    _run_args(s, data_help="text file or folder of .txt files (default: the books)")
     s.add_argument("--selection-config", help="tuned config JSON (default: the shipped one for the default pair)")
-    s.add_argument("--data", help="text file or folder of .txt files (default: the books)")
     s.add_argument("--context", type=int, default=2048, help="tokens of context per sample")
     s.add_argument("--budgets", default="0.016,0.03,0.06", help="budgets as fractions of the context")
     s.add_argument("--policies", default="full,dustin,dustin-adaptive,dustin-guard,history,lookahead,oracle,"
@@ -467,9 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-tokens", type=int, default=48, help="agreement: tokens generated per method")
     s.add_argument("--continuation", type=int, default=160, help="ppl: tokens scored after the context")
     s.add_argument("--guard", type=float, default=0.6, help="recovery threshold of the dustin-guard policy")
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    s.add_argument("--device", default="cpu")
     s.add_argument("--out-dir", default="benchmarks/eval")
     s.set_defaults(func=cmd_eval)
 

@@ -22,6 +22,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys `[lo, hi)` of split `split` of `N_SPLITS`, in whole tiles of `BLOCK_N`."""
+    per = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per
+    return lo, tl.minimum(lo + per, n_keys)
+
+
+@triton.jit
 def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
                  n_kv_heads, n_budget, scale,
@@ -44,9 +52,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
         n_keys = n_budget + T
     else:
         n_keys = L + T
-    per = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per
-    hi = tl.minimum(lo + per, n_keys)
+    lo, hi = split_range(n_keys, split, N_SPLITS, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
-from .decode import LOG2E, plan_splits
+from .decode import LOG2E, plan_splits, split_range
 
 
 @triton.jit
@@ -37,10 +37,7 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, PartM, PartL,
     row_ok = head >= 0
     d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
-    n_keys = L + T
-    per = tl.cdiv(tl.cdiv(n_keys, N_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per
-    hi = tl.minimum(lo + per, n_keys)
+    lo, hi = split_range(L + T, split, N_SPLITS, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(lo, hi, BLOCK_N):
