@@ -146,3 +146,16 @@ def test_prompt_longer_than_positions_is_refused(tiny_qwen):
         model(torch.zeros(1, 513, dtype=torch.long))
     with pytest.raises(DustinError, match="512"):
         model.setup_cache(1, 600)
+
+
+def test_memory_estimate_and_refusal(tiny_qwen):
+    from dustin import estimate_memory
+    from dustin.shapes import get_shape
+
+    est = estimate_memory(get_shape("qwen2.5-72b"), batch=16, context=32768)
+    assert abs(est.kv_cache / 2**30 - 160.0) < 0.1  # 80 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes x 512k tokens
+    assert est.weights > 130 * 2**30 and "GiB" in est.describe()
+    path, _ = tiny_qwen
+    model = load_model(str(path))
+    with pytest.raises(DustinError, match=r"needs [\d.]+ GiB but only [\d.]+ GiB is free"):
+        model.setup_cache(10**7, 512)

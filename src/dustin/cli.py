@@ -97,7 +97,8 @@ def _stats_table(stats) -> Table:
         t.add_row("tokens per step (mean)", f"{stats.mean_tokens_per_step:.2f}")
         t.add_row("tokens per step (histogram)", hist)
         t.add_row("draft acceptance rate", f"{stats.acceptance_rate:.1%}")
-    t.add_row("time: " + " / ".join(stats.time), " / ".join(f"{v:.2f} s" for v in stats.time.values()))
+    phases = {k: v for k, v in stats.time.items() if v > 0}
+    t.add_row("time: " + " / ".join(phases), " / ".join(f"{v:.2f} s" for v in phases.values()))
     t.add_row("decode tokens per second", f"{stats.tokens_per_second:.2f}")
     return t
 
