@@ -64,3 +64,19 @@ def test_triton_decode_path_equals_torch_path():
     tol = 1e-2 if DEV == "cuda" else 1e-4  # float32 dots run as tf32 on a GPU
     assert rel_err(outs["triton"][0], outs["torch"][0]) < tol
     assert rel_err(outs["triton"][1], outs["torch"][1]) < tol
+
+
+def test_ragged_prefill_near_the_end_of_the_cache_through_triton():
+    """Padding rows of a short chunk would reach past the cache: the kernel must not read there."""
+    model = tiny_model(seed=0, dim=64, n_heads=4, n_kv_heads=2, head_dim=16).to(DEV)
+    ids = torch.randint(0, 64, (2, 110), device=DEV)
+    outs = {}
+    for backend in ("torch", "triton"):
+        model.attn_backend = backend
+        model.setup_cache(2, 100)
+        model.prefill(ids[:, :95], torch.tensor([95, 0], device=DEV), chunk_size=32)
+        last = model.prefill(ids[:, 95:105], torch.tensor([3, 10], device=DEV), chunk_size=10)
+        outs[backend] = (last, model.decode(ids[:, :2] * 0 + 5))
+    tol = 1e-2 if DEV == "cuda" else 1e-4
+    assert rel_err(outs["triton"][0], outs["torch"][0]) < tol
+    assert rel_err(outs["triton"][1], outs["torch"][1]) < tol

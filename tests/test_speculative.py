@@ -227,3 +227,22 @@ def test_forced_acceptance_moves_caches_by_the_forced_count():
     assert st.behind.tolist() == [False, False, True]
     gen._step(st, None, _NO_CLOCK)  # the draft catches up on d_4 in its first pass
     assert target.seq_lens.tolist() == [42, 46, 50] and draft.seq_lens.tolist() == [42, 46, 49]
+
+
+def test_finished_sequences_stay_inside_the_cache():
+    """A sequence that stops early keeps riding along; its cache is set back to what it kept, so the
+    later steps of the others never write past the cache (the largest gamma makes that tightest)."""
+    target = tiny_model(seed=0)
+    draft = perturbed_copy(target, 0.0)  # every draft accepted: long committed runs
+    prompts = [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]]
+    n, gamma = 40, 15
+    ref = ar_tokens(target, prompts, n)
+    # stop row 0 at the start of a late step (then 15 committed drafts lie beyond its stop)
+    late = [t for i, t in enumerate(ref[0]) if i >= n - 16 and i % (gamma + 1) == 0 and t not in ref[1]
+            and t not in ref[0][:i]]
+    stops = tuple(late[:1])
+    res = Generator(target, draft, SpecConfig(gamma=gamma, max_new_tokens=n, stop_tokens=stops)).generate(prompts)
+    assert res.tokens == ar_tokens(target, prompts, n, stops)
+    for b, p in enumerate(prompts):
+        assert int(target.seq_lens[b]) <= len(p) - 1 + len(res.tokens[b])
+        assert int(draft.seq_lens[b]) <= len(p) - 1 + len(res.tokens[b])

@@ -86,6 +86,22 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
 
+    def snapshot(self, start: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+        """K/V of positions `start[b] .. start[b] + length - 1` in every layer, to `restore` later.
+
+        Re-running committed tokens (to see their queries) recomputes their K/V in another order of
+        float operations; restoring keeps the cache bit-for-bit what the prefill wrote.
+        """
+        L, B, H, _, D = self.k.shape
+        pos = start.long()[:, None] + torch.arange(length, device=start.device)
+        idx = pos[None, :, None, :, None].expand(L, B, H, length, D)
+        return self.k.gather(3, idx), self.v.gather(3, idx), idx
+
+    def restore(self, snap: tuple[torch.Tensor, ...]) -> None:
+        k, v, idx = snap
+        self.k.scatter_(3, idx, k)
+        self.v.scatter_(3, idx, v)
+
     def commit(self, n: torch.Tensor | int, *, check: bool = True) -> None:
         """Advance each sequence by `n[b]` (or `n`) tokens whose K/V the last pass wrote."""
         n = self._as_lengths(n)

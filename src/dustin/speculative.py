@@ -238,7 +238,7 @@ class Generator:
                 self._step(st, gen, clock)
             replays += 1
             with clock("accept"):
-                self._emit(st, out, reasons, stops, max_new, stats, on_tokens)
+                self._emit(st, out, reasons, stops, max_new, stats, on_tokens, lens - 1)
 
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in out] if self.tokenizer else None
         return GenerationResult(out, texts, reasons, stats)
@@ -252,9 +252,14 @@ class Generator:
                               f"for {need} positions; found {None if c is None else c.seq_lens.tolist()}")
 
     def _graphs_ok(self) -> bool:
-        """Capture the step in a CUDA graph: on CUDA, greedy, and with a policy that never syncs."""
+        """Capture the step in a CUDA graph: on CUDA, greedy, through the Triton kernels (the torch
+        references sync with the host), with a policy that never syncs."""
+        from .attention import resolve_backend
+
         cfg = self.config
+        models = (self.target,) if cfg.method == "ar" else (self.target, self.draft)
         return (cfg.cuda_graphs and self.target.device.type == "cuda" and cfg.temperature == 0
+                and cfg.gamma + 1 <= 16 and all(resolve_backend(m.attn_backend, m.device) == "triton" for m in models)
                 and (self.policy is None or self.policy.graph_safe))
 
     def _capture_step(self, st: "_State", gen) -> "torch.cuda.CUDAGraph":
@@ -283,6 +288,7 @@ class Generator:
                 n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
                 if st.forced is not None:  # benchmarks: a given acceptance through the same path
                     n_acc = st.forced
+                    nxt = logits[..., : self.vocab_size].argmax(-1).gather(1, n_acc[:, None]).squeeze(1)
                 if self.policy is not None:
                     self.policy.observe_target(self.target, self._capture, n_acc, live)
                 self.target.commit((n_acc + 1) * live, check=False)
@@ -354,11 +360,14 @@ class Generator:
         p = probs_from_logits(logits, self.config.temperature, self.config.top_p)
         return speculative_accept(drafted, q, p, gen)
 
-    @staticmethod
-    def _emit(st: "_State", out, reasons, stops, max_new, stats, on_tokens) -> None:
-        """Hand each live sequence its accepted drafts and the target token, cut at a stop or the limit."""
+    def _emit(self, st: "_State", out, reasons, stops, max_new, stats, on_tokens, base: torch.Tensor) -> None:
+        """Hand each live sequence its accepted drafts and the target token, cut at a stop or the limit.
+
+        A sequence that finishes is set back to the tokens it kept (`base[b]` prompt tokens in the cache
+        plus its output but the last), so the steps it still rides along in stay inside the cache.
+        """
         n_host, d_host, x_host, live = st.n_acc.tolist(), st.drafted.tolist(), st.last.tolist(), st.live.tolist()
-        gamma = st.drafted.shape[1]
+        gamma = stats.gamma
         stats.steps += 1
         for b in [b for b, alive in enumerate(live) if alive]:
             n = n_host[b]
@@ -373,6 +382,9 @@ class Generator:
             stats.new_tokens += len(new)
             if stop_at is not None or len(out[b]) >= max_new:
                 st.live[b] = 0
+                kept = int(base[b]) + len(out[b])
+                for model in (self.target, self.draft) if gamma else (self.target,):
+                    model.seq_lens[b] = min(int(model.seq_lens[b]), kept)
             if on_tokens is not None:
                 on_tokens(b, new)
 

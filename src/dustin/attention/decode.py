@@ -32,7 +32,7 @@ def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
-                 n_kv_heads, n_budget, scale,
+                 n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr):
     pid = tl.program_id(0)
@@ -48,10 +48,11 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
 
     # the keys this program reads: the index set then the new tokens (sparse), or the cache up to L + T
+    # (padding rows of a ragged prefill chunk may reach past the cache: never read there)
     if SPARSE:
         n_keys = n_budget + T
     else:
-        n_keys = L + T
+        n_keys = tl.minimum(L + T, n_cache)
     lo, hi = split_range(n_keys, split, N_SPLITS, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -64,7 +65,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
             is_new = offs >= n_budget
             idx = tl.load(Idx + b * s_ib + h * s_ih + offs, mask=in_range & (offs < n_budget), other=-1)
             pos = tl.where(is_new, L + offs - n_budget, idx)
-            col_ok = in_range & (is_new | ((idx >= 0) & (idx < L)))
+            col_ok = in_range & tl.where(is_new, pos < n_cache, (idx >= 0) & (idx < L))
             visible = col_ok[None, :] & ((offs[None, :] - n_budget) <= t[:, None])
         else:
             pos = offs
@@ -131,12 +132,15 @@ def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown semaphores stay allocated: a live CUDA graph may still use them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed semaphores, one per (sequence, KV head), kept across launches (each launch leaves them zero)."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
+        if c is not None:
+            _RETIRED.append(c)
         c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return c
 
@@ -217,7 +221,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
-        out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, LOG2E / math.sqrt(D),
+        out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse,
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:

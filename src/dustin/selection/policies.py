@@ -113,13 +113,15 @@ class Dustin(Policy):
             self._warm_history(target, ids, lengths)
 
     def _warm_history(self, target, ids, lengths) -> None:
-        """The first history signal, from the last prompt token's query: re-run that token (its K/V are
-        rewritten unchanged) so the very first verification can already be sparse."""
+        """The first history signal, from the last prompt token's query: re-run that token so the very
+        first verification can already be sparse."""
         last = ids.gather(1, (lengths.long() - 1)[:, None])
+        snap = target.cache.snapshot(lengths - 1, 1)
         target.rollback(1)
         target.decode(last, capture=self._target_capture)
         self.s_T.copy_(score_heads(target, self._target_capture)[:, 0])
         target.commit(1)
+        target.cache.restore(snap)
         self.has_history = True
 
     def draft_capture(self):
@@ -284,7 +286,8 @@ class SnapKV(Policy):
         self.static = None
         if w < 1 or int(lengths.max()) <= c.budget:
             return
-        # re-run the window through the cache to see its queries (its K/V are rewritten unchanged)
+        # re-run the window through the cache to see its queries, then put its K/V back as they were
+        snap = target.cache.snapshot(lengths - w, w)
         target.rollback(w)
         window = torch.stack([ids[b, lengths[b] - w: lengths[b]] for b in range(ids.shape[0])])
         capture = capture_all(target)
@@ -306,6 +309,7 @@ class SnapKV(Policy):
             win = (lens[:, None] + torch.arange(w, device=votes.device))[:, None].expand(-1, top.shape[1], -1)
             static.append(torch.cat([top, win], -1))
         target.commit(w)
+        target.cache.restore(snap)
         self.static = torch.stack(static)  # [n_layers, B, Hkv, budget - n_recent]
 
     def select(self, target, tokens):
