@@ -305,10 +305,12 @@ def cmd_bench(args) -> None:
 
     from .bench import common
 
-    if not torch.cuda.is_available():
-        raise DustinError("the speed benchmarks time CUDA graphs and need an NVIDIA GPU")
     out = Path(args.out_dir)
     command = "dustin " + " ".join(_ARGV)
+    if args.rescore:
+        return _rescore(args, out, command)
+    if not torch.cuda.is_available():
+        raise DustinError("the speed benchmarks time CUDA graphs and need an NVIDIA GPU")
     info = common.device_info(torch.device("cuda"))
     if args.what == "kernels":
         from .bench import kernels as bench
@@ -318,7 +320,9 @@ def cmd_bench(args) -> None:
     else:
         from .bench import e2e as bench
 
-        measured = bench.load_measured(args.acceptance_json) if args.acceptance_json else None
+        measured = None
+        if args.acceptance_json:
+            measured = bench.load_measured(args.acceptance_json, budget_fraction=args.budget / 32768)
         record = bench.run(pairs=args.pairs.split(","), contexts=_ints(args.contexts), batches=_ints(args.batches),
                            methods=args.methods.split(","), gamma=args.gamma, budget=args.budget,
                            draft_budget=args.draft_budget, measured=measured, replays=args.replays,
@@ -327,6 +331,34 @@ def cmd_bench(args) -> None:
     common.write_record(out / f"{args.what}.json", command, record)
     (out / f"{args.what}.md").write_text(f"`{command}`\n\n" + bench.table(record) + "\n")
     bench.plot(record, out / f"{args.what}.png")
+    console.print(bench.table(record), markup=False, highlight=False)
+
+
+def _rescore(args, out, command) -> None:
+    """Recompute e2e throughput from recorded GPU step times with acceptance measured on the real pair."""
+    import json
+    from pathlib import Path
+
+    from .bench import common
+    from .bench import e2e as bench
+
+    if args.what != "e2e" or not args.acceptance_json:
+        raise DustinError("--rescore takes an e2e result and needs --acceptance-json")
+    try:
+        record = json.loads(Path(args.rescore).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DustinError(f"cannot read {args.rescore} ({e})") from None
+    budget = record["results"][0]["budget"]
+    record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=budget / max(
+        r["context"] for r in record["results"]))
+    bench.add_throughput(record, record["accept_measured"])
+    record["rescored"] = {"from": args.rescore, "command": command,
+                          "note": "step times from the GPU run above; tokens per step measured on the CPU"}
+    steps_command, steps_revision = record.pop("command"), record.pop("git_revision")
+    record["gpu_command"], record["gpu_git_revision"] = steps_command, steps_revision
+    common.write_record(out / "e2e.json", command, record)
+    (out / "e2e.md").write_text(f"`{steps_command}` then `{command}`\n\n" + bench.table(record) + "\n")
+    bench.plot(record, out / "e2e.png")
     console.print(bench.table(record), markup=False, highlight=False)
 
 
@@ -489,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replays", type=int, default=20, help="e2e: timed steps per method")
     s.add_argument("--no-sdpa", action="store_true", help="kernels: skip the slow SDPA baseline")
     s.add_argument("--profile", action="store_true", help="e2e: record the kernels each step spends its time in")
-    s.add_argument("--acceptance-json", help="e2e: `dustin eval` acceptance results for measured throughput")
+    s.add_argument("--acceptance-json", help="e2e: `dustin eval acceptance` result, for throughput at measured "
+                   "acceptance")
+    s.add_argument("--rescore", help="e2e: recompute throughput of this recorded result (no GPU needed)")
     s.add_argument("--out-dir", default="benchmarks")
     s.set_defaults(func=cmd_bench)
     return p

@@ -58,12 +58,18 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    idx_ptr = Idx + b * s_ib + h * s_ih
+    if SPARSE:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
+        first = lo + tl.arange(0, BLOCK_N)
+        idx_next = tl.load(idx_ptr + first, mask=(first < hi) & (first < n_budget), other=-1)
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         in_range = offs < hi
         if SPARSE:
             is_new = offs >= n_budget
-            idx = tl.load(Idx + b * s_ib + h * s_ih + offs, mask=in_range & (offs < n_budget), other=-1)
+            idx = idx_next
+            ahead = offs + BLOCK_N
+            idx_next = tl.load(idx_ptr + ahead, mask=(ahead < hi) & (ahead < n_budget), other=-1)
             pos = tl.where(is_new, L + offs - n_budget, idx)
             col_ok = in_range & tl.where(is_new, pos < n_cache, (idx >= 0) & (idx < L))
             visible = col_ok[None, :] & ((offs[None, :] - n_budget) <= t[:, None])
@@ -72,6 +78,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
             col_ok = in_range
             visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None])
         k = tl.load(K + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+        if SPARSE:  # V with K: one round of memory latency per tile
+            v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * scale
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -79,7 +87,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
         p = tl.exp2(qk - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+        if not SPARSE:
+            v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 

@@ -267,7 +267,8 @@ def run(*, pairs=tuple(PAIRS), contexts=(8192, 16384, 32768), batches=(8, 16), m
                 torch.cuda.empty_cache()
         del target, draft
         torch.cuda.empty_cache()
-    record = {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "accept_paper": accept, "accept_distribution": dist,
+    record = {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "accept_paper": accept,
+              "accept_measured": measured or {}, "accept_distribution": dist,
               "selection": sel.to_dict(), "results": results}
     add_throughput(record, measured or {})
     return record
@@ -282,8 +283,8 @@ def add_throughput(record: dict, measured: dict) -> None:
         ar = case.get("ar")
         for name, r in case.items():
             sources = {"paper 2.2": record["accept_paper"]}
-            if name in measured:
-                sources["measured on the real pair"] = measured[name]
+            if name in measured or (name == "ar" and measured):
+                sources["measured on the real pair"] = measured.get(name, 1.0)
             r["throughput"] = {}
             for label, acc in sources.items():
                 tokens = 1.0 if name == "ar" else acc
@@ -294,20 +295,38 @@ def add_throughput(record: dict, measured: dict) -> None:
                 r["throughput"][label] = entry
 
 
-def load_measured(path) -> dict:
-    """Mean tokens per step per method from a `dustin eval` acceptance JSON."""
-    data = json.loads(open(path).read())
-    return {k: v["mean_tokens_per_step"] for k, v in data.get("acceptance", {}).items()}
+def load_measured(path, *, budget_fraction: float) -> dict:
+    """Mean tokens per step per benchmarked method, from a `dustin eval acceptance` result, taking the
+    evaluated budget closest to `budget_fraction` of the context for the dustin runs."""
+    from ..errors import DustinError
+
+    try:
+        data = json.loads(open(path).read())
+        runs, context = data["runs"], data["settings"]["context"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise DustinError(f"{path} is not a `dustin eval acceptance` result ({e})") from None
+    budgets = sorted({int(k.split("@")[1]) for k in runs if "@" in k})
+    if not budgets:
+        raise DustinError(f"{path} has no dustin runs at a budget")
+    b = min(budgets, key=lambda x: abs(x / context - budget_fraction))
+    names = {"sd": "full", "magicdec": "magicdec", "dustin": f"dustin@{b}",
+             "dustin+draft-selected": f"dustin+draft-selected@{b}"}
+    out = {m: runs[k]["mean_tokens_per_step"] for m, k in names.items() if k in runs}
+    out["_source"] = f"{path}: budget {b} of {context} tokens"
+    return out
 
 
 def table(record: dict) -> str:
-    rows = ["| pair | ctx | batch | method | step ms | floor ms | roofline | tok/s @2.2 | speedup vs ar | peak GiB |",
-            "|" + "---|" * 10]
+    measured = "measured on the real pair"
+    rows = ["| pair | ctx | batch | method | step ms | floor ms | roofline | tok/s @2.2 | speedup vs ar @2.2 "
+            "| tokens/step measured | speedup vs ar, measured | peak GiB |", "|" + "---|" * 12]
     for r in record["results"]:
         t = r["throughput"]["paper 2.2"]
+        m = r["throughput"].get(measured)
+        mcols = f"{m['accept']:.2f} | {m.get('speedup_vs_ar', float('nan')):.2f}x" if m else "- | -"
         rows.append(f"| {r['pair']} | {r['context']} | {r['batch']} | {r['method']} | {r['step_s'] * 1e3:.2f} | "
                     f"{r['floor_s'] * 1e3:.2f} | {r['roofline_frac']:.0%} | {t['tokens_per_s']:.0f} | "
-                    f"{t.get('speedup_vs_ar', float('nan')):.2f}x | {r['peak_memory_gib']:.1f} |")
+                    f"{t.get('speedup_vs_ar', float('nan')):.2f}x | {mcols} | {r['peak_memory_gib']:.1f} |")
     return "\n".join(rows)
 
 
