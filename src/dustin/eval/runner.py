@@ -202,9 +202,6 @@ def _nll(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # --- generation: retrieval, agreement and acceptance ----------------------------------------------
-METHOD_RUNS = (("ar", None), ("sd", None), ("magicdec", None))  # plus dustin policies and draft-selected
-
-
 @torch.no_grad()
 def generate_sample(ctx: Context, sample: tasks.Sample, *, new_tokens: int, methods: bool) -> dict:
     """Greedy generations from one prefill: `full` (sd), every policy x budget, and with `methods` also
