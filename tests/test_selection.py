@@ -205,3 +205,38 @@ def test_trace_recorder_and_search_pick_layers_and_m():
     result = search(traces, budget=64, n_recent=8, trials=5)
     assert result["target_layer"] in (0, 1) and 0 <= result["m"] <= 64 - 12
     assert 0 < result["recovery_history_only"] <= result["recovery"] + 1e-6 <= 1 + 1e-6
+
+
+def test_step_scoring_equals_scoring_each_pass():
+    """s_D from one scoring call over a step's draft queries equals the sum of one call per pass, and
+    s_T from the last committed query alone equals the weighted all-queries scoring it replaced."""
+    from dustin.model import QueryCapture
+    from dustin.selection.policies import score_heads
+
+    target, draft, ids, lens, tokens = _verification_state()
+    pol = make_policy(SelectionConfig(policy="dustin", budget=64, m=20, n_recent=8, **HEADS))
+    pol.reset(target, draft, ids, lens)
+    expect = torch.zeros_like(pol.s_D)
+    at = torch.tensor([[1], [0]])  # one sequence catches up on a token, the other feeds padding
+    with torch.no_grad():
+        x = tokens[:, :2]
+        for i in range(4):
+            cap = pol.draft_capture()
+            draft.decode(x, capture=cap)
+            per_pass = score_heads(draft, QueryCapture(cap.heads, dict(cap.q)))  # [B, T, S]
+            if i == 0:
+                per_pass = per_pass.gather(1, at[:, :, None].expand(-1, -1, per_pass.shape[2]))
+            expect[:, : per_pass.shape[2]] += per_pass.sum(1)
+            pol.observe_draft(draft, cap, at if i == 0 else None)
+            draft.commit(at[:, 0] + 1 if i == 0 else 1)
+            x = tokens[:, 2 + i: 3 + i]
+        pol.score_lookahead()
+        assert torch.allclose(pol.s_D, expect, atol=1e-5) and float(expect.sum()) > 0
+
+        n_acc = torch.tensor([3, 1])
+        cap = pol.target_capture()
+        target.decode(tokens, capture=cap)
+        all_q = score_heads(target, cap)  # [B, T, S]
+        assert not pol.needs_full(target, cap)
+        pol.observe_target(target, cap, n_acc, torch.ones(2, dtype=torch.long))
+        assert torch.allclose(pol.s_T, all_q[torch.arange(2), n_acc], atol=1e-5)

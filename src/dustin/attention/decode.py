@@ -19,6 +19,7 @@ import triton.language as tl
 from ..errors import DustinError
 
 LOG2E = 1.4426950408889634
+SPARSE_STAGES = 1
 
 
 @triton.jit
@@ -213,6 +214,8 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=128 if sparse else 512)
     if block_n is None:  # the H200 sweep found no gain in reading a split in one larger tile
         block_n = 64 if D >= 128 else 128
+    if num_stages is None:  # pipelined tiles wait in shared memory, which caps the programs per SM: gathers
+        num_stages = SPARSE_STAGES if sparse else 3  # want more programs in flight instead
     # written as [B, T, Hq, D] so the model's following reshape to [B, T, Hq * D] is free
     out = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     if sparse:
@@ -254,7 +257,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True,
+                     num_warps: int = 4, num_stages: int | None = None, fuse_combine: bool = True,
                      check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits

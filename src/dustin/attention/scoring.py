@@ -2,8 +2,12 @@
 
 Two launches. The first reads each needed key once: a program owns one (sequence, KV head) and a split
 of the positions, its tile rows are the chosen heads of that KV group times the queries; it writes the
-scaled logits (float32) and per-split softmax statistics. The second merges the statistics and writes
+scaled logits and per-split softmax statistics. The second merges the statistics and writes
 `sum_heads softmax(logits)` per query and position. Reference: `reference.position_scores`.
+
+The logits make a round trip through memory, so they travel as float16 relative to their tile's row
+maximum (plus one float32 maximum per tile and row): half the bytes of float32, and exact to 2^-11
+relative where it matters, near each maximum.
 
     >>> s = score_positions(q, k_cache, seq_lens, kv_heads)   # == reference.position_scores
 """
@@ -21,8 +25,8 @@ from .decode import LOG2E, plan_splits, split_range
 
 
 @triton.jit
-def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, PartM, PartL,
-                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, scale,
+def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL,
+                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
                    T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
@@ -47,8 +51,11 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, PartM, PartL,
         qk = tl.dot(q, tl.trans(k)) * scale
         visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None]) & row_ok[:, None]
         qk = tl.where(visible, qk, float("-inf"))
-        tl.store(Logits + b * s_lb + head[:, None] * s_lh + t[:, None] * s_lt + offs[None, :], qk,
-                 mask=row_ok[:, None] & col_ok[None, :])
+        m_tile = tl.max(qk, 1)
+        m_tile = tl.where(m_tile == float("-inf"), 0.0, m_tile)
+        tl.store(Logits + b * s_lb + head[:, None] * s_lh + t[:, None] * s_lt + offs[None, :],
+                 (qk - m_tile[:, None]).to(tl.float16), mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(TileMax + ((b * n_heads + head) * T + t) * n_tiles + start // BLOCK_N, m_tile, mask=row_ok)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
@@ -59,8 +66,9 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, PartM, PartL,
 
 
 @triton.jit
-def _normalize_kernel(Logits, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S,
-                      H: tl.constexpr, T: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
+                      H: tl.constexpr, T: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     L = tl.load(SeqLens + b)
@@ -77,7 +85,8 @@ def _normalize_kernel(Logits, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             denom = tl.sum(tl.load(PartL + part) * tl.exp2(pm - m_safe), 0)
             x = tl.load(Logits + b * s_lb + h * s_lh + t * s_lt + pos, mask=visible, other=float("-inf"))
-            total += tl.exp2(x - m_safe) / denom
+            m_tile = tl.load(TileMax + ((b * H + h) * T + t) * n_tiles + pos // BLOCK_N, mask=visible, other=0.0)
+            total += tl.exp2(x.to(tl.float32) + m_tile - m_safe) / denom
         tl.store(Out + b * s_ob + t * s_ot + pos, tl.where(visible, total, 0.0), mask=in_cache)
 
 
@@ -123,18 +132,21 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     # a power of two: the merge kernel loads the splits' statistics as one vector
     n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device))
     block_n = block_n or 128
-    logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
+    logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
+    n_tiles = triton.cdiv(S, block_n)
+    tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
     part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     _logits_kernel[(B * n_groups, n_splits)](
-        q, k_cache, seq_lens, table, kv, logits, part_m, part_l,
+        q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, LOG2E / math.sqrt(D),
+        logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
         T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits,
         num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(B, T, S, device=q.device, dtype=torch.float32)
     block_s = 1024
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
-        logits, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
-        out.stride(0), out.stride(1), S, H=H, T=T, N_SPLITS=n_splits, BLOCK_S=block_s, num_warps=4)
+        logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
+        out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, N_SPLITS=n_splits, BLOCK_S=block_s, BLOCK_N=block_n,
+        num_warps=4)
     return out

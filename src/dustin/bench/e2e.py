@@ -24,7 +24,6 @@ from ..loading import random_model
 from ..model import Transformer
 from ..sampling import greedy_accept
 from ..selection import make_policy
-from ..selection.policies import score_heads
 from ..shapes import get_shape
 from ..speculative import _NO_CLOCK, Generator, _State
 from .common import copy_bandwidth
@@ -166,10 +165,9 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
         phases["select"] = lambda: policy.select(target, tokens)
         cap = policy.target_capture()
         target.decode(tokens, indices=policy.indices, capture=cap, check=False)
-        phases["score_target"] = lambda: score_heads(target, cap)
-        dcap = policy.draft_capture()
-        draft.decode(tokens[:, :1], capture=dcap, check=False)
-        phases["score_draft_pass"] = lambda: score_heads(draft, dcap)
+        n_acc = st.forced if st.forced is not None else torch.zeros_like(st.n_acc)
+        phases["score_target"] = lambda: policy.observe_target(target, cap, n_acc, st.live)
+        phases["score_draft"] = policy.score_lookahead  # part of select: the step's draft queries, once
     indices = policy.indices if policy is not None else None
     verify_tokens = tokens[:, :1] if cfg.method == "ar" else tokens
     phases["verify"] = lambda: target.decode(verify_tokens, indices=indices, check=False)
@@ -348,8 +346,8 @@ def plot(record: dict, path) -> None:
         parts = {"draft": [], "scoring + selection": [], "verification attention": [], "rest of verification": [],
                  "acceptance / rollback": []}
         for r in rs:
-            score = r.get("select_s", 0) + r.get("score_target_s", 0) + record_gamma(r) * r.get("score_draft_pass_s", 0)
-            parts["draft"].append((r.get("draft_s", 0) - record_gamma(r) * r.get("score_draft_pass_s", 0)) * 1e3)
+            score = r.get("select_s", 0) + r.get("score_target_s", 0)
+            parts["draft"].append(r.get("draft_s", 0) * 1e3)
             parts["scoring + selection"].append(score * 1e3)
             parts["verification attention"].append(r["verify_attention_s"] * 1e3)
             parts["rest of verification"].append(max(0.0, r["verify_s"] - r["verify_attention_s"]) * 1e3)
@@ -366,7 +364,3 @@ def plot(record: dict, path) -> None:
     axes[0][0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def record_gamma(r: dict) -> int:
-    return r["gamma"] if "score_draft_pass_s" in r else 0

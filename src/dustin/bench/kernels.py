@@ -77,12 +77,17 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         out["sdpa_nomask_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                                calls=3, replays=7)
     # with bn >= the keys of a split, each program reads its share in one tile: one round of dependent loads
-    sparse = {f"splits{n}-bn{bn}-w{w}-{'fused' if fuse else 'combine'}": (
-        lambda n=n, bn=bn, w=w, fuse=fuse: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], n_splits=n,
-                                                           block_n=bn, num_warps=w, fuse_combine=fuse, check=False))
-        for n, bn, w, fuse in ((None, None, 4, True), (None, None, 8, True), (2, 64, 4, True), (4, 64, 4, True),
-                               (2, 64, 4, False), (4, 128, 8, True), (4, 128, 4, True), (8, 64, 4, True),
-                               (8, 64, 8, True), (1, 64, 4, True))}
+    # software pipelining stages hold tiles in shared memory and so cap the programs per multiprocessor;
+    # gathered reads gain little from them, so the sweep weighs stages against splits
+    sparse = {f"splits{n}-bn{bn}-w{w}-s{st}-{'fused' if fuse else 'combine'}": (
+        lambda n=n, bn=bn, w=w, st=st, fuse=fuse: sparse_attention(
+            q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn, num_warps=w, num_stages=st,
+            fuse_combine=fuse, check=False))
+        for n, bn, w, st, fuse in ((None, None, 4, None, True), (1, 64, 4, 3, True), (2, 64, 4, 3, True),
+                                   (2, 64, 4, 1, True), (4, 64, 4, 1, True), (8, 64, 4, 1, True),
+                                   (4, 32, 4, 1, True), (8, 32, 4, 1, True), (16, 32, 4, 1, True),
+                                   (4, 128, 8, 1, True), (8, 64, 8, 1, True), (4, 64, 4, 2, True),
+                                   (8, 32, 4, 2, True), (8, 64, 4, 1, False), (16, 32, 4, 1, False))}
     out["sparse_config"], out["sparse_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
@@ -93,15 +98,17 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     q_s = q[:, : len(heads), :1].contiguous()
     out["score_rel_err"] = float((score_positions(q_s, k, lens, heads) -
                                   reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
-    score = {f"splits{n}-bn{bn}-w{w}": (lambda n=n, bn=bn, w=w: score_positions(
-        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, check=False))
-        for n in (None, 16, 32) for bn, w in ((128, 4), (256, 8))}
+    score = {f"splits{n}-bn{bn}-w{w}-s{st}": (lambda n=n, bn=bn, w=w, st=st: score_positions(
+        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, check=False))
+        for n in (None, 16, 64) for bn, w, st in ((128, 4, 3), (64, 4, 4), (128, 8, 4), (256, 8, 3))}
     out["score_config"], out["score_s"], out["score_variants_s"] = _best(score)
     out["score_key_bytes"] = B * (context + 1) * D * k.element_size()
     s_T = torch.rand(B, S, device=device, generator=g)
     s_D = torch.rand(B, S, device=device, generator=g)
     m = (budget - 20) // 4
     out["select_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
+    both = torch.stack([s_T, s_D]).view(2 * B, S)
+    out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the top-k inside the split
     out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers
     out["dustin_speedup"] = out["full_s"] / out["dustin_layer_s"]
     del k, v

@@ -4,6 +4,7 @@ The engine drives a policy through five calls per step:
     reset(target, draft, ids, lengths)        once, after prefill
     observe_draft(draft, capture, at)         after each draft pass (before it commits); `at` [B, K] marks the
                                               first pass of a step and which of its queries propose tokens
+                                              (consecutive ones; later passes propose from every query)
     select(target, tokens) -> indices | None  before verification; None reads the whole cache
     needs_full(target, capture) -> bool       after the sparse pass: the optional guard
     observe_target(target, capture, n_acc, live)  after acceptance (before the target commits)
@@ -23,13 +24,15 @@ def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
     return [h // model.args.group_size for h in heads]
 
 
-def score_heads(model: Transformer, capture: QueryCapture) -> torch.Tensor:
-    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers."""
+def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers.
+
+    Query `t` sees positions `<= seq_lens[b] + t` (default: the model's committed lengths)."""
     total = None
     backend = attention.resolve_backend(model.attn_backend, model.device)
+    lens = model.seq_lens if seq_lens is None else seq_lens
     for layer, q in capture.q.items():
-        s = attention.score(q, model.cache.k[layer], model.seq_lens, kv_heads_of(model, capture.heads[layer]),
-                            backend=backend)
+        s = attention.score(q, model.cache.k[layer], lens, kv_heads_of(model, capture.heads[layer]), backend=backend)
         total = s if total is None else total + s
     return total
 
@@ -105,6 +108,7 @@ class Dustin(Policy):
         dev = target.device
         self.s_T = torch.zeros(B, S, device=dev)
         self.s_D = torch.zeros(B, S, device=dev)
+        self._draft, self._look_q, self._look_start = draft, {}, torch.zeros(B, dtype=torch.long, device=dev)
         self.m = torch.full((B,), float(self.m0), device=dev)
         self.indices = torch.zeros(B, self.config.budget, dtype=torch.long, device=dev)
         self.has_history = self.has_indices = False
@@ -128,11 +132,26 @@ class Dustin(Policy):
         return self._draft_capture
 
     def observe_draft(self, draft, capture, at):
-        scores = score_heads(draft, capture)  # [B, T, S_draft]
-        if at is not None:  # the first pass of a step: a new lookahead sum, from the queries `at` [B, K] only
-            self.s_D.zero_()
-            scores = scores.gather(1, at[:, :, None].expand(-1, -1, scores.shape[2]))
+        """Keep the proposing queries; `score_lookahead` scores a step's queries together, so the draft's
+        scoring layers are read once per step rather than once per pass."""
+        self._draft = draft
+        if at is not None:  # the first pass of a step: the queries `at` [B, K], at positions seq_lens + at
+            self._look_start.copy_(draft.seq_lens.long() + at[:, 0])
+            self._look_q = {layer: [q.gather(2, at[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))]
+                            for layer, q in capture.q.items()}
+        else:
+            for layer, q in capture.q.items():
+                self._look_q[layer].append(q)
+
+    def score_lookahead(self) -> None:
+        """s_D = this step's draft queries' attention on the scoring heads, summed. The queries sit at
+        consecutive positions from `_look_start`, so one causal scoring call equals one call per pass."""
+        if not self._look_q:
+            return
+        q = {layer: torch.cat(qs, 2) if len(qs) > 1 else qs[0] for layer, qs in self._look_q.items()}
+        scores = score_heads(self._draft, QueryCapture(self._draft_capture.heads, q), self._look_start)
         n = min(scores.shape[2], self.s_D.shape[1])
+        self.s_D.zero_()
         self.s_D[:, :n] += scores.sum(1)[:, :n]
 
     def target_capture(self):
@@ -143,6 +162,7 @@ class Dustin(Policy):
             self.has_indices = False  # no target query yet: the first step verifies in full
             return None
         c = self.config
+        self.score_lookahead()
         self.indices.copy_(budget_split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
                                         n_sink=c.n_sink, n_recent=c.n_recent))
         self.has_indices = True
@@ -169,8 +189,8 @@ class Dustin(Policy):
 
     def needs_full(self, target, capture):
         self.step_probs = None
-        if capture is None or not capture.q:
-            return False
+        if capture is None or not capture.q or (self.config.guard is None and self.config.history_query == "last"):
+            return False  # observe_target scores the one query it needs
         self.step_probs = score_heads(target, capture)
         if self.config.guard is None or not self.has_indices:
             return False
@@ -178,15 +198,20 @@ class Dustin(Policy):
         return bool(low.any())
 
     def observe_target(self, target, capture, n_acc, live):
-        if self.step_probs is None:
+        if capture is None or not capture.q:
             return
-        probs = self.step_probs  # [B, T, S]
-        T = probs.shape[1]
-        if self.config.history_query == "last":
-            weights = (torch.arange(T, device=probs.device)[None] == n_acc[:, None]).float()  # no sync, unlike one_hot
+        if self.step_probs is None:  # "last" without a guard: score only the last committed token's query
+            at = n_acc.long()[:, None, None, None]
+            q = {layer: x.gather(2, at.expand(-1, x.shape[1], 1, x.shape[3])) for layer, x in capture.q.items()}
+            fresh = score_heads(target, QueryCapture(capture.heads, q), target.seq_lens.long() + n_acc.long())[:, 0]
         else:
-            weights = (torch.arange(T, device=probs.device)[None] <= n_acc[:, None]).float()
-        fresh = torch.einsum("bts,bt->bs", probs, weights)
+            probs = self.step_probs  # [B, T, S]
+            T = probs.shape[1]
+            if self.config.history_query == "last":
+                weights = (torch.arange(T, device=probs.device)[None] == n_acc[:, None]).float()  # no sync
+            else:
+                weights = (torch.arange(T, device=probs.device)[None] <= n_acc[:, None]).float()
+            fresh = torch.einsum("bts,bt->bs", probs, weights)
         if self.config.adaptive and self.has_indices:
             self._adapt(fresh, target, live)
         self.s_T.copy_(torch.where(live.bool()[:, None], fresh, self.s_T))
