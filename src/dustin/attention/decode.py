@@ -100,7 +100,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
     else:
         part = (pid * N_SPLITS + split) * BLOCK_M
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None])
+        # only the real rows: a small index set makes these partials a large share of the traffic
+        tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
         tl.store(PartLse + part + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
         if FUSE_COMBINE:
             # the last split of this (sequence, KV head) to finish merges them all: one launch per layer
@@ -123,11 +124,12 @@ def _merge(PartO, PartLse, Out, base, b, h, s_ob, s_oh, s_ot, T: tl.constexpr, G
         m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True))
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row_ok = rows < G * T
     for s in tl.static_range(N_SPLITS):
         w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True) - m)
         total += w
-        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :], volatile=True)
-    row_ok = rows < G * T
+        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :],
+                                    mask=row_ok[:, None], other=0.0, volatile=True)
     o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
     tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
