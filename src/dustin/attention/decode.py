@@ -19,7 +19,6 @@ import triton.language as tl
 from ..errors import DustinError
 
 LOG2E = 1.4426950408889634
-SPARSE_STAGES = 1
 
 
 @triton.jit
@@ -163,14 +162,16 @@ def _sm_count(device: torch.device) -> int:
     return 8
 
 
-def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, *, min_keys: int = 512) -> int:
-    """Splits per (sequence, KV head): about two programs per multiprocessor, each split >= `min_keys` keys.
+def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, *, min_keys: int = 512,
+                per_sm: int = 2) -> int:
+    """Splits per (sequence, KV head): about `per_sm` programs per multiprocessor, each split >= `min_keys` keys.
 
-    Measured on an H200 (benchmarks/kernels.json): two programs per SM beat both fewer and more, for
-    the full cache and for index sets alike.
+    Measured on an H200 (benchmarks/gpu/kernels.json): for the full cache two programs per SM beat both
+    fewer and more. An index set wants at most two splits of >= 256 keys: each split's partial output
+    and the merge cost about as much as the few keys it saves reading.
     """
     programs = batch * n_kv_heads
-    want = max(1, (2 * _sm_count(device) + programs - 1) // programs)
+    want = max(1, (per_sm * _sm_count(device) + programs - 1) // programs)
     return int(max(1, min(want, n_keys // min_keys, 32)))
 
 
@@ -213,11 +214,9 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     sparse = indices is not None
     n_keys = (indices.shape[-1] if sparse else k_cache.shape[2]) + T
     if n_splits is None:
-        n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=128 if sparse else 512)
+        n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=256 if sparse else 512)
     if block_n is None:  # the H200 sweep found no gain in reading a split in one larger tile
-        block_n = 64 if D >= 128 else 128
-    if num_stages is None:  # pipelined tiles wait in shared memory, which caps the programs per SM: gathers
-        num_stages = SPARSE_STAGES if sparse else 3  # want more programs in flight instead
+        block_n = 64 if D >= 128 or sparse else 128
     # written as [B, T, Hq, D] so the model's following reshape to [B, T, Hq * D] is free
     out = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     if sparse:
@@ -259,7 +258,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int | None = None, fuse_combine: bool = True,
+                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True,
                      check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits

@@ -104,7 +104,7 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
 
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                    num_stages: int = 3, check: bool = True) -> torch.Tensor:
+                    num_stages: int = 4, check: bool = True) -> torch.Tensor:
     """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
 
     q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
@@ -130,8 +130,9 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     n_groups, hg = table.shape
     block_m = max(16, triton.next_power_of_2(hg * T))
     # a power of two: the merge kernel loads the splits' statistics as one vector
-    n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device))
-    block_n = block_n or 128
+    # one program per SM and 64-key tiles four deep measured best on the H200 (benchmarks/gpu/kernels.json)
+    n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1))
+    block_n = block_n or 64
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
     n_tiles = triton.cdiv(S, block_n)
     tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
