@@ -136,7 +136,8 @@ def cmd_generate(args) -> None:
     err = Console(stderr=True)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     cfg = SpecConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, top_p=args.top_p,
-                     seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget)
+                     seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget,
+                     draft_linear=args.draft_linear)
     cfg.validate()
     with err.status("loading models ..."):
         tokenizer = load_tokenizer(args.target)
@@ -315,8 +316,13 @@ def cmd_bench(args) -> None:
     if args.what == "kernels":
         from .bench import kernels as bench
 
-        record = bench.run(shapes=args.shapes.split(","), contexts=_ints(args.contexts), batches=_ints(args.batches),
-                           gamma=args.gamma, budget=args.budget, sdpa=not args.no_sdpa)
+        record = bench.run(shapes=(args.shapes or ",".join(bench.PAPER_SHAPES)).split(","),
+                           contexts=_ints(args.contexts), batches=_ints(args.batches), gamma=args.gamma,
+                           budget=args.budget, sdpa=not args.no_sdpa)
+    elif args.what == "linear":
+        from .bench import linear as bench
+
+        record = bench.run(shapes=(args.shapes or ",".join(bench.DRAFT_SHAPES)).split(","), rows=_ints(args.batches))
     else:
         from .bench import e2e as bench
 
@@ -454,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
+    s.add_argument("--draft-linear", default="auto", choices=["auto", "torch", "triton"],
+                   help="the draft's linear layers: cuBLAS, or fused few-row Triton kernels (auto: Triton on CUDA)")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")
@@ -509,12 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("bench", help="GPU speed benchmarks: attention kernels, or whole decoding steps")
-    s.add_argument("what", choices=["kernels", "e2e"])
-    s.add_argument("--shapes", default="qwen2.5-72b,qwen2.5-7b,llama-3.1-8b", help="kernels: model shapes")
+    s.add_argument("what", choices=["kernels", "linear", "e2e"])
+    s.add_argument("--shapes", default=None, help="kernels, linear: model shapes (default: the paper's targets "
+                   "for kernels, the drafts for linear)")
     s.add_argument("--pairs", default="qwen2.5-7b,llama-3.1-8b", help="e2e: target shapes (each with its draft)")
-    s.add_argument("--methods", default="ar,sd,magicdec,dustin,dustin+draft-selected,dustin-adaptive+draft-selected")
+    s.add_argument("--methods", default="ar,sd,magicdec,dustin,dustin+draft-selected,dustin+draft-selected+cublas-draft,"
+                   "dustin-adaptive+draft-selected")
     s.add_argument("--contexts", default="8192,16384,32768")
-    s.add_argument("--batches", default="8,16")
+    s.add_argument("--batches", default="8,16", help="kernels, e2e: batch sizes; linear: rows (batch x tokens)")
     s.add_argument("--gamma", type=int, default=4)
     s.add_argument("--budget", type=int, default=512)
     s.add_argument("--draft-budget", type=int, default=512, help="e2e: magicdec's draft KV entries")

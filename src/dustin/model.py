@@ -20,6 +20,7 @@ from .attention import attend, resolve_backend
 from .cache import KVCache, available_memory, estimate_memory
 from .config import ModelArgs
 from .errors import DustinError
+from .linear import MAX_ROWS, linear
 
 
 @dataclass
@@ -78,6 +79,12 @@ class Attention(nn.Module):
             q, k = fused_ops.rope_reference(q, cos, sin), fused_ops.rope_reference(k, cos, sin)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(self.cached(qkv, cos, sin, step))
+
+    def cached(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
+        """`[B, T, (Hq + 2 Hkv) D]` projections -> `[B, T, Hq D]` attention output over the cache, with
+        this pass's K/V written into it."""
+        B, T, _ = qkv.shape
         cache = step.cache
         if step.fused:
             q = fused_ops.rope_write(qkv, cos, sin, step.positions, cache.k[self.layer], cache.v[self.layer],
@@ -90,7 +97,7 @@ class Attention(nn.Module):
             step.capture.q[self.layer] = q.index_select(1, step.head_index(step.capture.heads[self.layer]))
         indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
         out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices, backend=step.backend)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 class MLP(nn.Module):
@@ -116,10 +123,23 @@ class Block(nn.Module):
                 step: "_Step | None") -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the residual stream and the previous block's pending output; returns the same pair, so
         each residual add rides in the next RMSNorm's kernel."""
+        if step is not None and step.small_linear:
+            return self._small(residual if delta is None else residual + delta, cos, sin, step), None
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
         return residual, self.mlp(h, fused)
+
+    def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
+        """The block in four fused linear kernels (norms in their prologues, SiLU and the residual adds in
+        their epilogues) plus RoPE and attention: a few-row pass is bound by launches, not bytes."""
+        attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
+        qkv = linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps,
+                     check=False)
+        h = linear(attn.cached(qkv, cos, sin, step), attn.o_proj.weight, attn.o_proj.bias, residual=h, check=False)
+        act = linear(h, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
+                     eps=self.post_attention_layernorm.eps, silu=True, check=False)
+        return linear(act, mlp.down_proj.weight, residual=h, check=False)
 
 
 @dataclass
@@ -132,6 +152,7 @@ class _Step:
     capture: QueryCapture | None
     backend: str
     fused: bool  # the fused Triton layer ops (CUDA with the triton backend)
+    small_linear: bool  # linear layers through `linear.linear` (a few rows, `linear_backend == "triton"`)
     head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
 
 
@@ -150,6 +171,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.cache: KVCache | None = None
         self.attn_backend = "auto"
+        self.linear_backend = "torch"  # "triton": few-row passes through the fused linear kernels (a draft)
         self._rope_len = 0
         self._head_indices: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -198,7 +220,7 @@ class Transformer(nn.Module):
             residual, delta = layer(residual, delta, cos, sin, step)
         if logits_at is not None:
             at = logits_at[:, :, None].expand(-1, -1, residual.shape[-1])
-            residual, delta = residual.gather(1, at), delta.gather(1, at)
+            residual, delta = residual.gather(1, at), (delta.gather(1, at) if delta is not None else None)
         h, _ = self.norm(residual, delta, step is not None and step.fused)
         return self.lm_head(h).float()
 
@@ -272,8 +294,11 @@ class Transformer(nn.Module):
         if valid is not None:  # padding goes to the scratch slot, which the rope table also covers
             positions = torch.where(valid, positions, cache.max_len)
         backend = resolve_backend(self.attn_backend, self.device)
-        step = _Step(cache, positions, indices, capture, backend, backend == "triton" and T <= 16,
-                     self._head_index)
+        fused = backend == "triton" and T <= 16
+        if self.linear_backend not in ("torch", "triton"):
+            raise DustinError(f"unknown linear backend {self.linear_backend!r}; choose 'torch' or 'triton'")
+        small = fused and self.linear_backend == "triton" and B * T <= MAX_ROWS
+        step = _Step(cache, positions, indices, capture, backend, fused, small, self._head_index)
         return self._run(input_ids, positions, step, logits_at)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
