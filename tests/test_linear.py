@@ -24,10 +24,11 @@ def test_linear_matches_reference(rows, n, k, norm, silu, residual, bias):
     kw = dict(bias=torch.randn(n, device=DEV, generator=g).to(DTYPE) if bias else None,
               norm_weight=(1 + 0.1 * torch.randn(k, device=DEV, generator=g)).to(DTYPE) if norm else None,
               eps=1e-6, silu=silu, residual=torch.randn(rows, n, device=DEV, generator=g).to(DTYPE) if residual else None)
-    out = linear(x, w, **kw)
     expect = linear_reference(x.float(), w.float(), **{key: (v.float() if torch.is_tensor(v) else v) for key, v in kw.items()})
-    assert out.shape == expect.shape == (rows, n) and out.dtype == DTYPE
-    assert rel_err(out.float(), expect) < TOL
+    for splits in (None, 1, 3):  # planned, one pass over K, and K split with the merge in the last program
+        out = linear(x, w, **kw, splits=splits, block_k=64)
+        assert out.shape == expect.shape == (rows, n) and out.dtype == DTYPE
+        assert rel_err(out.float(), expect) < TOL, splits
 
 
 def test_linear_keeps_leading_dims_and_refuses_bad_input():

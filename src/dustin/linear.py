@@ -6,10 +6,12 @@ residual adds), and at this size every launch costs about as much as the bytes. 
 
     out = [residual +] epilogue( rmsnorm(x) @ W^T [+ bias] )
 
-so a layer takes four GEMM launches plus RoPE and attention: RMSNorm rides in the prologue (each
-program recomputes the norm of its rows, which are a few KB), and SiLU(gate) * up or the residual add
-in the epilogue. A program owns a block of output columns for all rows, so the weight is read once.
-Reference: `linear_reference`.
+so a layer takes four GEMM launches plus RoPE and attention. RMSNorm is linear in its input up to the
+row scale, so the kernel multiplies `x * norm_weight` and scales by 1/RMS at the end, accumulating the
+RMS in the same pass; SiLU(gate) * up or the residual add run in the epilogue. A program owns a block
+of output columns for all rows and a split of K (a short, deep weight needs the whole GPU to read it):
+the last split of a tile to finish adds the parked partial sums and runs the epilogue, so there is no
+second launch. Reference: `linear_reference`.
 
     >>> y = linear(x, w, b, norm_weight=ln.weight, eps=1e-6)          # qkv of a pre-norm block
     >>> y = linear(act, w_down, residual=h)                           # down projection + residual
@@ -47,38 +49,73 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(X, W, Bias, NormW, Res, Out, M, N, K, eps, s_xm, s_wn, s_rm, s_om,
+    def _linear_kernel(X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps,
+                       s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
+                       PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        split = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
         kk = tl.arange(0, BLOCK_K)
-        if NORM:  # the rows' RMS over all of K, before any of the weight is read
-            ss = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :],
-                            mask=row_ok[:, None] & (k0 + kk < K)[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(x * x, 1)
-            rstd = 1.0 / tl.sqrt(ss / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if SILU:
-            acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        k_lo = split * k_per
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BLOCK_K):
             k_ok = k0 + kk < K
             x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:  # rounded where the reference rounds: normalised to the input dtype, then times the weight
-                nw = tl.load(NormW + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                x = ((x.to(tl.float32) * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32) * nw[None, :])
-                x = x.to(X.dtype.element_ty)
+            if NORM:  # rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T): the RMS accumulates in the same pass
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, 1)
+                x = (xf * tl.load(NormW + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
             w = tl.load(W + cols[:, None] * s_wn + (k0 + kk)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
             if SILU:
                 w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :],
                                mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc_up += tl.dot(x, tl.trans(w_up))
+                acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+        if SPLITS > 1:
+            # split-K: park the partial sums; the last split of this tile to finish adds them up
+            tile = pid_m * tl.num_programs(0) + pid_n
+            tm = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            base = (tile * SPLITS + split) * BLOCK_M * BLOCK_N
+            tl.store(PartAcc + 2 * base + tm, acc)
+            if SILU:
+                tl.store(PartAcc + 2 * base + BLOCK_M * BLOCK_N + tm, acc_up)
+            if NORM:
+                tl.store(PartSs + (tile * SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
+            tl.debug_barrier()
+            done = tl.atomic_add(Counter + tile, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                ss = tl.zeros([BLOCK_M], tl.float32)
+                for s in tl.static_range(SPLITS):
+                    b = (tile * SPLITS + s) * BLOCK_M * BLOCK_N
+                    acc += tl.load(PartAcc + 2 * b + tm, volatile=True)
+                    if SILU:
+                        acc_up += tl.load(PartAcc + 2 * b + BLOCK_M * BLOCK_N + tm, volatile=True)
+                    if NORM:
+                        ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M), volatile=True)
+                _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
+                          NORM, SILU, RESIDUAL, HAS_BIAS)
+                tl.atomic_xchg(Counter + tile, 0)  # ready for the next launch
+        else:
+            _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
+                      NORM, SILU, RESIDUAL, HAS_BIAS)
+
+    @triton.jit
+    def _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
+                  NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+        if NORM:
+            rstd = 1.0 / tl.sqrt(ss / K + eps)
+            acc = acc * rstd[:, None]
+            acc_up = acc_up * rstd[:, None]
         if HAS_BIAS:
             acc += tl.load(Bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if SILU:
@@ -90,16 +127,22 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def plan_blocks(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): narrow column blocks when the weight is short and deep, so that enough
-    programs share its read (measured on the H200: benchmarks/gpu/linear.json)."""
-    return (16 if n <= 2048 and k >= 2048 else 32), 128
+def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int = 32,
+         block_k: int = 256) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, splits of K): about two programs per SM, so that a short, deep weight (the
+    down projection) is still read by the whole GPU (benchmarks/gpu/linear.json)."""
+    from .attention.decode import _sm_count
+
+    programs = triton.cdiv(n, block_n) * m_blocks
+    k_tiles = triton.cdiv(k, block_k)
+    splits = max(1, min(8, (2 * _sm_count(device) + programs - 1) // programs, k_tiles))
+    return block_n, block_k, splits
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
            residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
-           num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
+           splits: int | None = None, num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
     """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
     dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`."""
     K = x.shape[-1]
@@ -123,15 +166,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 raise DustinError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
         if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != N):
             raise DustinError(f"residual must be {tuple(x.shape[:-1]) + (N,)}, got {tuple(residual.shape)}")
+    from .attention.decode import semaphores
+
     res2 = residual.reshape(-1, N) if residual is not None else x2
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     out2 = out.view(-1, N)
-    bn, bk = plan_blocks(N, K)
-    block_n, block_k = block_n or bn, block_k or bk
     block_m = max(16, triton.next_power_of_2(M))
-    _linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(M, block_m))](
+    bn, bk, n_splits = plan(N, K, triton.cdiv(M, block_m), x.device, block_n=block_n or 32, block_k=block_k or 256)
+    splits = n_splits if splits is None else splits
+    k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    splits = triton.cdiv(K, k_per)  # no empty split
+    grid = (triton.cdiv(N, bn), splits, triton.cdiv(M, block_m))
+    part_acc = part_ss = counter = out2
+    if splits > 1:
+        tiles = grid[0] * grid[2]
+        part_acc = torch.empty(tiles * splits * 2 * block_m * bn, device=x.device, dtype=torch.float32)
+        part_ss = torch.empty(tiles * splits * block_m, device=x.device, dtype=torch.float32)
+        counter = semaphores(x.device, tiles)
+    _linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
-        res2, out2, M, N, K, eps, x2.stride(0), weight.stride(0), res2.stride(0), out2.stride(0),
-        NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
+        out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models get float32 products
+        num_warps=num_warps, num_stages=num_stages)
     return out

@@ -146,7 +146,7 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown semaphores stay allocated: a live CUDA graph may still use them
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
+def semaphores(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed semaphores, one per (sequence, KV head), kept across launches (each launch leaves them zero)."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
@@ -229,7 +229,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         part_o = torch.empty(B * Hkv * n_splits * block_m, D, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(B * Hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
     fuse = fuse_combine and n_splits > 1
-    counter = _counters(q.device, B * Hkv) if fuse else seq_lens
+    counter = semaphores(q.device, B * Hkv) if fuse else seq_lens
     _attn_kernel[(B * Hkv, n_splits)](
         q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

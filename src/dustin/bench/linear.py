@@ -5,7 +5,7 @@ a decode step runs them:
 - cuBLAS path: the RMSNorm kernel + `F.linear` (qkv, gate/up), SiLU * up kernel, `F.linear` + the
   residual add riding in the next norm (o, down);
 - fused path: `dustin.linear.linear` with the norm in the prologue and SiLU / residual in the epilogue,
-  over a sweep of column and depth blocks.
+  over a sweep of column blocks, depth blocks and splits of K.
 Each is timed inside a CUDA graph; the weight bytes over the copy bandwidth give the floor.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
 
 DRAFT_SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b")
-VARIANTS = [(bn, bk, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (3, 4)]
+VARIANTS = [(bn, bk, sp) for bn in (16, 32, 64) for bk in (128, 256) for sp in (None, 1, 2, 4, 8)]
 
 
 def _layers(shape: str, device, dtype, g) -> dict:
@@ -60,12 +60,12 @@ def bench_case(shape: str, rows: int, *, device="cuda", dtype=torch.bfloat16) ->
                "rel_err": float((linear(x, W, **kw).float() - ref).norm() / ref.norm()),
                "cublas_s": time_graph(lambda: _cublas(x, spec, res), calls=20)}
         times = {}
-        for bn, bk, st in VARIANTS:
+        for bn, bk, sp in VARIANTS:
             try:
-                times[f"bn{bn}-bk{bk}-s{st}"] = time_graph(
-                    lambda: linear(x, W, **kw, block_n=bn, block_k=bk, num_stages=st, check=False), calls=20)
+                times[f"bn{bn}-bk{bk}-splits{sp}"] = time_graph(
+                    lambda: linear(x, W, **kw, block_n=bn, block_k=bk, splits=sp, check=False), calls=20)
             except Exception as e:  # noqa: BLE001 - a variant the compiler cannot fit is a result, not a crash
-                times[f"bn{bn}-bk{bk}-s{st}"] = f"failed: {type(e).__name__}"
+                times[f"bn{bn}-bk{bk}-splits{sp}"] = f"failed: {type(e).__name__}"
         ok = {k: v for k, v in times.items() if isinstance(v, float)}
         rec["fused_default_s"] = time_graph(lambda: linear(x, W, **kw, check=False), calls=20)
         rec["fused_best"], rec["fused_best_s"], rec["fused_variants_s"] = min(ok, key=ok.get), min(ok.values()), times
