@@ -53,7 +53,7 @@ if triton is not None:
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -67,17 +67,24 @@ if triton is not None:
         ss = tl.zeros([BLOCK_M], tl.float32)
         k_lo = split * k_per
         for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BLOCK_K):
-            k_ok = k0 + kk < K
-            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            # a mask along K would stop the loads from being vectorised: only a ragged K pays for one
+            if EVEN_K:
+                k_ok = kk < BLOCK_K
+                x_ok = row_ok[:, None]
+                w_ok = col_ok[:, None]
+            else:
+                k_ok = k0 + kk < K
+                x_ok = row_ok[:, None] & k_ok[None, :]
+                w_ok = col_ok[:, None] & k_ok[None, :]
+            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=x_ok, other=0.0)
             if NORM:  # rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T): the RMS accumulates in the same pass
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, 1)
                 x = (xf * tl.load(NormW + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
-            w = tl.load(W + cols[:, None] * s_wn + (k0 + kk)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + cols[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
             if SILU:
-                w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :],
-                               mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
                 acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         if SPLITS > 1:
             # split-K: park the partial sums; the last split of this tile to finish adds them up
@@ -134,6 +141,8 @@ def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int = 
     from .attention.decode import _sm_count
 
     programs = triton.cdiv(n, block_n) * m_blocks
+    while block_k > 64 and k % block_k:  # a depth block that divides K keeps the loads unmasked
+        block_k //= 2
     k_tiles = triton.cdiv(k, block_k)
     splits = max(1, min(8, (2 * _sm_count(device) + programs - 1) // programs, k_tiles))
     return block_n, block_k, splits
@@ -187,7 +196,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models get float32 products
         num_warps=num_warps, num_stages=num_stages)
     return out
