@@ -460,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
-    s.add_argument("--draft-linear", default="auto", choices=["auto", "torch", "triton"],
-                   help="the draft's linear layers: cuBLAS, or fused few-row Triton kernels (auto: Triton on CUDA)")
+    s.add_argument("--draft-linear", default="torch", choices=["torch", "triton"],
+                   help="the draft's linear layers: cuBLAS (torch), or the fused few-row Triton kernels")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")
@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shapes", default=None, help="kernels, linear: model shapes (default: the paper's targets "
                    "for kernels, the drafts for linear)")
     s.add_argument("--pairs", default="qwen2.5-7b,llama-3.1-8b", help="e2e: target shapes (each with its draft)")
-    s.add_argument("--methods", default="ar,sd,magicdec,dustin,dustin+draft-selected,dustin+draft-selected+cublas-draft,"
+    s.add_argument("--methods", default="ar,sd,magicdec,dustin,dustin+draft-selected,"
                    "dustin-adaptive+draft-selected")
     s.add_argument("--contexts", default="8192,16384,32768")
     s.add_argument("--batches", default="8,16", help="kernels, e2e: batch sizes; linear: rows (batch x tokens)")

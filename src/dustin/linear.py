@@ -175,7 +175,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 raise DustinError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
         if residual is not None and (residual.shape[:-1] != x.shape[:-1] or residual.shape[-1] != N):
             raise DustinError(f"residual must be {tuple(x.shape[:-1]) + (N,)}, got {tuple(residual.shape)}")
-    from .attention.decode import semaphores
+    from .attention.decode import dot_precision, semaphores
 
     res2 = residual.reshape(-1, N) if residual is not None else x2
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
@@ -197,6 +197,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models get float32 products
+        PRECISION=dot_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

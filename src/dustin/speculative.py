@@ -119,8 +119,7 @@ class Generator:
             raise DustinError("method 'dustin' needs a selection policy; build one with dustin.selection")
         self.target, self.draft, self.tokenizer, self.policy = target, draft, tokenizer, policy
         if draft is not None:
-            lin = self.config.draft_linear
-            draft.linear_backend = lin if lin != "auto" else ("triton" if draft.device.type == "cuda" else "torch")
+            draft.linear_backend = self.config.draft_linear
         self.vocab_size = self._shared_vocab(tokenizer, draft_tokenizer, vocab_size)
 
     def _shared_vocab(self, tokenizer, draft_tokenizer, vocab_size) -> int:

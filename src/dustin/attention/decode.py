@@ -21,6 +21,11 @@ from ..errors import DustinError
 LOG2E = 1.4426950408889634
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get float32 products (Triton's default on the GPU would be TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys `[lo, hi)` of split `split` of `N_SPLITS`, in whole tiles of `BLOCK_N`."""
@@ -34,7 +39,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr):
+                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -80,7 +85,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
         k = tl.load(K + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
         if SPARSE:  # V with K: one round of memory latency per tile
             v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -89,7 +94,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
         l_i = l_i * alpha + tl.sum(p, 1)
         if not SPARSE:
             v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     if N_SPLITS == 1:
@@ -236,6 +241,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse,
+        PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(B * Hkv,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,

@@ -21,14 +21,14 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
-from .decode import LOG2E, plan_splits, split_range
+from .decode import LOG2E, dot_precision, plan_splits, split_range
 
 
 @triton.jit
 def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL,
                    s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
                    T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_groups
@@ -48,7 +48,7 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
         offs = start + tl.arange(0, BLOCK_N)
         col_ok = offs < hi
         k = tl.load(K + b * s_kb + kvh * s_kh + offs[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None]) & row_ok[:, None]
         qk = tl.where(visible, qk, float("-inf"))
         m_tile = tl.max(qk, 1)
@@ -142,7 +142,7 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
         q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
-        T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits,
+        T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(B, T, S, device=q.device, dtype=torch.float32)
     block_s = 1024

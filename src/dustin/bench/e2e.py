@@ -35,7 +35,7 @@ METHODS = {
     "magicdec": dict(method="magicdec"),
     "dustin": dict(method="dustin"),
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
-    "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
+    "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
 }
 SLACK = 64
