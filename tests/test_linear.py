@@ -65,6 +65,6 @@ def test_decode_through_fused_linears_equals_cublas_path(T):
         with torch.no_grad():
             model.prefill(ids[:, :30], torch.tensor([30, 17, 25], device=DEV))
             outs.append(model.decode(ids[:, 30:30 + T]))
-        caches.append(model.cache.k.clone())
+        caches.append(model.cache.k[..., :64, :].clone())  # not the scratch slot: padding races to write it
     assert rel_err(outs[1], outs[0]) < 10 * TOL
     assert rel_err(caches[1], caches[0]) < 10 * TOL
