@@ -13,6 +13,10 @@ of output columns for all rows and a split of K (a short, deep weight needs the 
 the last split of a tile to finish adds the parked partial sums and runs the epilogue, so there is no
 second launch. Reference: `linear_reference`.
 
+Measured on the H200 (`benchmarks/gpu/linear.md`) it beats cuBLAS plus the separate kernels on the o and
+down projections but loses on qkv and gate/up, and a whole block is slower: models use it only when
+asked (`Transformer.linear_backend = "triton"`, `SpecConfig.draft_linear`).
+
     >>> y = linear(x, w, b, norm_weight=ln.weight, eps=1e-6)          # qkv of a pre-norm block
     >>> y = linear(act, w_down, residual=h)                           # down projection + residual
 """
@@ -134,15 +138,18 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int = 32,
-         block_k: int = 256) -> tuple[int, int, int]:
+def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int | None = None,
+         block_k: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, splits of K): about two programs per SM, so that a short, deep weight (the
     down projection) is still read by the whole GPU (benchmarks/gpu/linear.json)."""
     from .attention.decode import _sm_count
 
+    block_n = block_n or 32
     programs = triton.cdiv(n, block_n) * m_blocks
-    while block_k > 64 and k % block_k:  # a depth block that divides K keeps the loads unmasked
-        block_k //= 2
+    if block_k is None:
+        block_k = 256
+        while block_k > 64 and k % block_k:  # a depth block that divides K keeps the loads unmasked
+            block_k //= 2
     k_tiles = triton.cdiv(k, block_k)
     splits = max(1, min(8, (2 * _sm_count(device) + programs - 1) // programs, k_tiles))
     return block_n, block_k, splits
@@ -177,11 +184,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise DustinError(f"residual must be {tuple(x.shape[:-1]) + (N,)}, got {tuple(residual.shape)}")
     from .attention.decode import dot_precision, semaphores
 
-    res2 = residual.reshape(-1, N) if residual is not None else x2
+    res2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     out2 = out.view(-1, N)
     block_m = max(16, triton.next_power_of_2(M))
-    bn, bk, n_splits = plan(N, K, triton.cdiv(M, block_m), x.device, block_n=block_n or 32, block_k=block_k or 256)
+    bn, bk, n_splits = plan(N, K, triton.cdiv(M, block_m), x.device, block_n=block_n, block_k=block_k)
     splits = n_splits if splits is None else splits
     k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per)  # no empty split
