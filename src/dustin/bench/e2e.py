@@ -78,7 +78,7 @@ def step_bytes(name: str, target: Transformer, draft: Transformer, *, batch: int
         return total + read_bytes(target) + kv_t * (context + T)
     key = lambda m, layer_heads: sum(len({h // m.args.group_size for h in hs}) for hs in layer_heads.values()) \
         * m.args.head_dim * m.dtype.itemsize * batch * context  # noqa: E731
-    score = key(target, sel.target_heads) + gamma * key(draft, sel.draft_heads)
+    score = key(target, sel.target_heads) + key(draft, sel.draft_heads)  # the draft scores a step's queries at once
     return total + read_bytes(target) + kv_t * (budget + T) + score
 
 
