@@ -131,8 +131,8 @@ class Block(nn.Module):
         return residual, self.mlp(h, fused)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
-        """The block in four fused linear kernels (norms in their prologues, SiLU and the residual adds in
-        their epilogues) plus RoPE and attention: a few-row pass is bound by launches, not bytes."""
+        """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus
+        RoPE and attention: a few-row pass is bound by launches, not bytes."""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
         qkv = linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps,
                      check=False)
