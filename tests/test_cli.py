@@ -55,4 +55,11 @@ def test_bench_rescore_combines_step_times_with_measured_acceptance(tmp_path, ca
     assert measured["accept"] == 2.5  # the budget nearest 512/32k of the context: 32 of 2048
     assert measured["speedup_vs_ar"] == pytest.approx(2.5 / 0.008 / (1 / 0.010))
     assert res["sd"]["throughput"]["measured on the real pair"]["accept"] == 3.0
-    assert "gpu_command" in json.loads((out / "e2e.json").read_text())
+    first = json.loads((out / "e2e.json").read_text())
+    assert (first["gpu_command"], first["gpu_git_revision"]) == ("dustin bench e2e", "abc")
+    # rescoring a rescored record keeps the GPU run it came from
+    assert main(["bench", "e2e", "--rescore", str(out / "e2e.json"), "--acceptance-json",
+                 str(tmp_path / "acc.json"), "--out-dir", str(out)]) == 0
+    again = json.loads((out / "e2e.json").read_text())
+    assert (again["gpu_command"], again["gpu_git_revision"]) == ("dustin bench e2e", "abc")
+    assert (out / "e2e.md").read_text().startswith("`dustin bench e2e` then `dustin bench e2e --rescore")

@@ -360,8 +360,10 @@ def _rescore(args, out, command) -> None:
     bench.add_throughput(record, record["accept_measured"])
     record["rescored"] = {"from": args.rescore, "command": command,
                           "note": "step times from the GPU run above; tokens per step measured on the CPU"}
-    steps_command, steps_revision = record.pop("command"), record.pop("git_revision")
-    record["gpu_command"], record["gpu_git_revision"] = steps_command, steps_revision
+    command_then, revision_then = record.pop("command"), record.pop("git_revision")
+    if "gpu_command" not in record:  # a record rescored before keeps the GPU run it came from
+        record["gpu_command"], record["gpu_git_revision"] = command_then, revision_then
+    steps_command = record["gpu_command"]
     common.write_record(out / "e2e.json", command, record)
     (out / "e2e.md").write_text(f"`{steps_command}` then `{command}`\n\n" + bench.table(record) + "\n")
     bench.plot(record, out / "e2e.png")
