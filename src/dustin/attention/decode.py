@@ -35,11 +35,26 @@ def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """One tile of online softmax: fold keys `k` / values `v` (`[N, D]`) into the running max, sum and output."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr,
+                 PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // n_kv_heads
@@ -51,51 +66,49 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
     d = tl.arange(0, D)
     q_ptr = Q + b * s_qb + (h * G + rows // T)[:, None] * s_qh + t[:, None] * s_qt + d[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-
-    # the keys this program reads: the index set then the new tokens (sparse), or the cache up to L + T
-    # (padding rows of a ragged prefill chunk may reach past the cache: never read there)
-    if SPARSE:
-        n_keys = n_budget + T
-    else:
-        n_keys = tl.minimum(L + T, n_cache)
-    lo, hi = split_range(n_keys, split, N_SPLITS, BLOCK_N)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    idx_ptr = Idx + b * s_ib + h * s_ih
-    if SPARSE:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
-        first = lo + tl.arange(0, BLOCK_N)
-        idx_next = tl.load(idx_ptr + first, mask=(first < hi) & (first < n_budget), other=-1)
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        in_range = offs < hi
-        if SPARSE:
-            is_new = offs >= n_budget
-            idx = idx_next
-            ahead = offs + BLOCK_N
-            idx_next = tl.load(idx_ptr + ahead, mask=(ahead < hi) & (ahead < n_budget), other=-1)
-            pos = tl.where(is_new, L + offs - n_budget, idx)
-            col_ok = in_range & tl.where(is_new, pos < n_cache, (idx >= 0) & (idx < L))
-            visible = col_ok[None, :] & ((offs[None, :] - n_budget) <= t[:, None])
-        else:
-            pos = offs
-            col_ok = in_range
-            visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None])
-        k = tl.load(K + b * s_kb + h * s_kh + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
-        if SPARSE:  # V with K: one round of memory latency per tile
-            v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if not SPARSE:
-            v = tl.load(V + b * s_vb + h * s_vh + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if SPARSE:
+        # the index set in whole tiles split evenly; the T new tokens are one small tile of the last split,
+        # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
+        lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
+        idx_ptr = Idx + b * s_ib + h * s_ih
+        if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
+            first = lo + tl.arange(0, BLOCK_N)
+            idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
+        for start in range(lo, hi, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            if PREFETCH:
+                idx = idx_next
+                ahead = offs + BLOCK_N
+                idx_next = tl.load(idx_ptr + ahead, mask=ahead < hi, other=-1)
+            else:
+                idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
+            col_ok = (idx >= 0) & (idx < L)
+            k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+            m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
+        if split == N_SPLITS - 1:
+            j = tl.arange(0, BLOCK_T)
+            # padding rows of a ragged prefill chunk may reach past the cache: never read there
+            new_ok = (j < T) & (L + j < n_cache)
+            k = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
+            v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
+            visible = new_ok[None, :] & (j[None, :] <= t[:, None])
+            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+    else:
+        lo, hi = split_range(tl.minimum(L + T, n_cache), split, N_SPLITS, BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            col_ok = pos < hi
+            k = tl.load(k_base + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+            visible = col_ok[None, :] & (pos[None, :] <= L + t[:, None])
+            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
 
     if N_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -206,7 +219,7 @@ def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
 
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check):
+            check, prefetch=True):
     if check:
         _check(q, k_cache, v_cache, seq_lens, indices)
         # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
@@ -217,7 +230,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     G = Hq // Hkv
     block_m = max(16, triton.next_power_of_2(G * T))
     sparse = indices is not None
-    n_keys = (indices.shape[-1] if sparse else k_cache.shape[2]) + T
+    n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
     if n_splits is None:
         n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=256 if sparse else 512)
     if block_n is None:  # the H200 sweep found no gain in reading a split in one larger tile
@@ -240,8 +253,8 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
-        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse,
-        PRECISION=dot_precision(q.dtype),
+        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
+        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(B * Hkv,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
@@ -264,10 +277,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True,
+                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
                      check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
-                   num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check)
+                   num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
+                   prefetch=prefetch)
