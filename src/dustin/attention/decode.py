@@ -35,6 +35,16 @@ def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _unit(pid, n_kv_heads, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
+    """Program `pid`'s sequence, KV head, first query head and rows (its `GP` of the group's `G` heads x `T`)."""
+    per_b = n_kv_heads * tl.cdiv(G, GP)
+    b = pid // per_b
+    h = (pid % per_b) // tl.cdiv(G, GP)
+    first = (pid % tl.cdiv(G, GP)) * GP
+    return b, h, h * G + first, tl.minimum(GP, G - first) * T
+
+
+@triton.jit
 def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
     """One tile of online softmax: fold keys `k` / values `v` (`[N, D]`) into the running max, sum and output."""
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -52,19 +62,18 @@ def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr
 def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
                  n_kv_heads, n_budget, n_cache, scale,
-                 T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr, FUSE_COMBINE: tl.constexpr,
-                 PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
+                 T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
+                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
-    b = pid // n_kv_heads
-    h = pid % n_kv_heads
+    b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
-    row_ok = rows < G * T
+    row_ok = rows < n_rows
     d = tl.arange(0, D)
-    q_ptr = Q + b * s_qb + (h * G + rows // T)[:, None] * s_qh + t[:, None] * s_qt + d[None, :]
+    q_ptr = Q + b * s_qb + (head0 + rows // T)[:, None] * s_qh + t[:, None] * s_qt + d[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
@@ -112,7 +121,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
 
     if N_SPLITS == 1:
         out = acc / l_i[:, None]
-        o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
+        o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
         tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         part = (pid * N_SPLITS + split) * BLOCK_M
@@ -125,13 +134,13 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
             tl.debug_barrier()
             done = tl.atomic_add(Counter + pid, 1, sem="acq_rel", scope="gpu")
             if done == N_SPLITS - 1:
-                _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, h, s_ob, s_oh, s_ot,
-                       T, G, D, BLOCK_M, N_SPLITS)
+                _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
+                       T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
 
 
 @triton.jit
-def _merge(PartO, PartLse, Out, base, b, h, s_ob, s_oh, s_ot, T: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.constexpr, D: tl.constexpr,
            BLOCK_M: tl.constexpr, N_SPLITS: tl.constexpr):
     """Merge the splits' normalised partial outputs by their log-sum-exp weights."""
     rows = tl.arange(0, BLOCK_M)
@@ -141,23 +150,24 @@ def _merge(PartO, PartLse, Out, base, b, h, s_ob, s_oh, s_ot, T: tl.constexpr, G
         m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True))
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    row_ok = rows < G * T
+    row_ok = rows < n_rows
     for s in tl.static_range(N_SPLITS):
         w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True) - m)
         total += w
         acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :],
                                     mask=row_ok[:, None], other=0.0, volatile=True)
-    o_ptr = Out + b * s_ob + (h * G + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
+    o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
     tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
-                    T: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                     N_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
-    _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, pid // n_kv_heads, pid % n_kv_heads, s_ob, s_oh, s_ot,
-           T, G, D, BLOCK_M, N_SPLITS)
+    b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
+    _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
+           T, D, BLOCK_M, N_SPLITS)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -219,7 +229,7 @@ def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
 
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check, prefetch=True):
+            check, prefetch=True, head_splits=1):
     if check:
         _check(q, k_cache, v_cache, seq_lens, indices)
         # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
@@ -228,7 +238,9 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
-    block_m = max(16, triton.next_power_of_2(G * T))
+    GP = -(-G // head_splits)  # query heads per program
+    units = B * Hkv * -(-G // GP)
+    block_m = max(16, triton.next_power_of_2(GP * T))
     sparse = indices is not None
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
     if n_splits is None:
@@ -244,21 +256,21 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         idx, s_ib, s_ih, n_budget = seq_lens, 0, 0, 0
     part_o = part_lse = out
     if n_splits > 1:
-        part_o = torch.empty(B * Hkv * n_splits * block_m, D, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(B * Hkv * n_splits * block_m, device=q.device, dtype=torch.float32)
+        part_o = torch.empty(units * n_splits * block_m, D, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(units * n_splits * block_m, device=q.device, dtype=torch.float32)
     fuse = fuse_combine and n_splits > 1
-    counter = semaphores(q.device, B * Hkv) if fuse else seq_lens
-    _attn_kernel[(B * Hkv, n_splits)](
+    counter = semaphores(q.device, units) if fuse else seq_lens
+    _attn_kernel[(units, n_splits)](
         q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
-        T=T, G=G, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
+        T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
-        _combine_kernel[(B * Hkv,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
-                                    T=T, G=G, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
+        _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
+                                  T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
     return out
 
 
@@ -278,10 +290,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
                      num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
-                     check: bool = True) -> torch.Tensor:
+                     head_splits: int = 1, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
-                   prefetch=prefetch)
+                   prefetch=prefetch, head_splits=head_splits)
