@@ -2,8 +2,10 @@
 
 One kernel serves both cases. A program owns one (sequence, KV head) and one split of the keys it
 reads; the rows of its tile are all query heads of the KV group times all new tokens, so every key and
-value is read once for the whole group. Splits (flash-decoding) fill the GPU at small batch; a second
-small kernel merges them. References: `reference.dense_attention`, `reference.sparse_attention`.
+value is read once for the whole group (`head_splits` can share a group among programs instead).
+Splits (flash-decoding) fill the GPU at small batch; the last split to finish merges them, or a second
+small kernel does. An index set is read in whole tiles and the new tokens as one small tile of their
+own. References: `reference.dense_attention`, `reference.sparse_attention`.
 
     >>> out = decode_attention(q, k_cache, v_cache, seq_lens)            # == reference.dense_attention
     >>> out = sparse_attention(q, k_cache, v_cache, seq_lens, indices)   # == reference.sparse_attention
@@ -195,12 +197,25 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
     """Splits per (sequence, KV head): about `per_sm` programs per multiprocessor, each split >= `min_keys` keys.
 
     Measured on an H200 (benchmarks/gpu/kernels.json): for the full cache two programs per SM beat both
-    fewer and more. An index set wants at most two splits of >= 256 keys: each split's partial output
-    and the merge cost about as much as the few keys it saves reading.
+    fewer and more. Index sets are planned by `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
     want = max(1, (per_sm * _sm_count(device) + programs - 1) // programs)
     return int(max(1, min(want, n_keys // min_keys, 32)))
+
+
+def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, device: torch.device) -> int:
+    """Splits of an index set for `units` (sequence, KV head) programs with `block_m`-row tiles.
+
+    Each split writes a partial output of `block_m` rows that the merge reads back. Measured on an H200
+    (the sweep in benchmarks/gpu/kernels.json): with 32 or more rows (a verification step's GQA group
+    x gamma + 1 queries) those partials cost about what the keys they save reading cost, and one program
+    per SM, rounded down, is best (72B shape, batch 16: one split, 15.9 us against 18.5 for two);
+    a draft's one query per head has tiny partials and wants two programs per SM (Qwen2.5-0.5B draft,
+    batch 16: eight splits, 7.0 us against 9.0 for two).
+    """
+    per_sm = 1 if block_m >= 32 else 2
+    return int(max(1, min(per_sm * _sm_count(device) // units, n_keys // block_n, 32)))
 
 
 def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
@@ -243,10 +258,11 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     block_m = max(16, triton.next_power_of_2(GP * T))
     sparse = indices is not None
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
-    if n_splits is None:
-        n_splits = plan_splits(B, Hkv, n_keys, q.device, min_keys=256 if sparse else 512)
     if block_n is None:  # the H200 sweep found no gain in reading a split in one larger tile
         block_n = 64 if D >= 128 or sparse else 128
+    if n_splits is None:
+        n_splits = (plan_sparse_splits(units, block_m, n_keys, block_n, q.device) if sparse
+                    else plan_splits(B, Hkv, n_keys, q.device))
     # written as [B, T, Hq, D] so the model's following reshape to [B, T, Hq * D] is free
     out = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     if sparse:
