@@ -7,63 +7,22 @@ verification queries and a `budget`-entry index set:
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
 - selection: Dustin's budget split (two top-k over the context) on the GPU;
 - per layer, Dustin's verification attention = sparse (the default plan, as the engine runs it) +
-  (scoring + selection) / n_layers, against full;
-- the gather ceiling: a kernel that only reads the index set's K and V rows and sums them, with the
-  sparse kernel's grid; what any kernel that gathers those rows this way must take.
+  (scoring + selection) / n_layers, against full.
 Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ..attention import reference
-from ..attention.decode import decode_attention, plan_splits, sparse_attention, split_range
+from ..attention.decode import decode_attention, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
 from ..selection.indices import budget_split
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
 
 PAPER_SHAPES = ("qwen2.5-72b", "qwen2.5-7b", "llama-3.1-8b")
-
-
-@triton.jit
-def _gather_sum_kernel(K, V, Idx, Out, s_kb, s_kh, s_ks, s_ib, n_kv_heads, n_budget, D: tl.constexpr,
-                       BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid // n_kv_heads
-    h = pid % n_kv_heads
-    lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
-    d = tl.arange(0, D)
-    acc = tl.zeros([BLOCK_N, D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        ok = offs < hi
-        idx = tl.load(Idx + b * s_ib + offs, mask=ok, other=0)
-        row = b * s_kb + h * s_kh + idx[:, None] * s_ks + d[None, :]
-        acc += tl.load(K + row, mask=ok[:, None], other=0.0).to(tl.float32)
-        acc += tl.load(V + row, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Out + (pid * N_SPLITS + split) * D + d, tl.sum(acc, 0))
-
-
-def gather_rows_sum(k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *, n_splits: int = 1,
-                    block_n: int = 64, num_stages: int = 3) -> torch.Tensor:
-    """Sum of the K and V rows at `indices` per (sequence, KV head, split): the sparse kernel's reads, no math.
-
-    k, v: `[B, Hkv, S, D]` of one layout; indices: `[B, budget]` contiguous, all within `[0, S)`.
-    Returns `[B, Hkv, n_splits, D]` float32.
-    """
-    if v.shape != k.shape or v.stride() != k.stride() or indices.stride(-1) != 1:
-        raise ValueError("k and v need one shape and layout, indices a contiguous last dimension")
-    B, Hkv, _, D = k.shape
-    out = torch.empty(B, Hkv, n_splits, D, device=k.device, dtype=torch.float32)
-    _gather_sum_kernel[(B * Hkv, n_splits)](k, v, indices, out, k.stride(0), k.stride(1), k.stride(2),
-                                            indices.stride(0), Hkv, indices.shape[1], D=D, BLOCK_N=block_n,
-                                            N_SPLITS=n_splits, num_stages=num_stages)
-    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,10 +92,6 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
-    gather = {f"splits{n}-s{st}": (lambda n=n, st=st: gather_rows_sum(k, v, sets[next(rot) % n_sets], n_splits=n,
-                                                                   num_stages=st))
-              for n in (1, 2, 4) for st in (2, 3, 4)}
-    out["gather_only_config"], out["gather_only_s"], out["gather_only_variants_s"] = _best(gather, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
     out["sparse_bytes"] = 2 * B * Hkv * (budget + T) * D * k.element_size()
@@ -185,8 +140,7 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
                 progress(f"{shape} {ctx} x{b}: full {c['full_s'] * 1e3:.3f} ms ({c['full_bw_frac']:.0%} of copy bw; "
                          f"floor {c['floor_full_s'] * 1e3:.3f} ms; SDPA {c.get('sdpa_full_s', 0) * 1e3:.2f} ms), "
                          f"sparse {c['sparse_s'] * 1e6:.1f} us (best {c['sparse_best_s'] * 1e6:.1f} "
-                         f"[{c['sparse_best_config']}]; gather only {c['gather_only_s'] * 1e6:.1f}; "
-                         f"gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
+                         f"[{c['sparse_best_config']}]; gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
                          f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}) "
                          f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us, dustin/layer "
                          f"{c['dustin_layer_s'] * 1e6:.1f} us = {c['dustin_speedup']:.1f}x")
@@ -194,13 +148,13 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
 
 
 def table(record: dict) -> str:
-    rows = ["| shape | ctx | batch | full ms (floor) | % bw | SDPA ms | sparse us (best variant) | gather-only us "
-            "| gather+SDPA us | score us (% bw) | select us | Dustin/layer us | speedup |", "|" + "---|" * 13]
+    rows = ["| shape | ctx | batch | full ms (floor) | % bw | SDPA ms | sparse us (best variant) | gather+SDPA us "
+            "| score us (% bw) | select us | Dustin/layer us | speedup |", "|" + "---|" * 12]
     for c in record["cases"]:
         rows.append(f"| {c['shape']} | {c['context']} | {c['batch']} | {c['full_s'] * 1e3:.3f} ({c['floor_full_s'] * 1e3:.3f}) "
                     f"| {c['full_bw_frac']:.0%} | {c.get('sdpa_full_s', float('nan')) * 1e3:.2f} | {c['sparse_s'] * 1e6:.1f} "
                     f"({c.get('sparse_best_s', c['sparse_s']) * 1e6:.1f}) "
-                    f"| {c.get('gather_only_s', float('nan')) * 1e6:.1f} | {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
+                    f"| {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
                     f"| {c['select_s'] * 1e6:.1f} | {c['dustin_layer_s'] * 1e6:.2f} | {c['dustin_speedup']:.1f}x |")
     return "\n".join(rows)
 
