@@ -114,3 +114,17 @@ def test_bad_input_is_refused():
         decode_attention(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(), sl)
     with pytest.raises(DustinError, match="out of range"):
         score_positions(q[:, :2], k, sl, [0, 5])
+
+
+def test_sparse_split_plan_follows_partial_size():
+    from dustin.attention.decode import _sm_count, plan_sparse_splits
+
+    dev = torch.device(DEV)
+    sms = _sm_count(dev)
+    # verification groups (>= 32 rows) get one program per SM, rounded down; a draft's few rows two
+    assert plan_sparse_splits(sms, 64, 512, 64, dev) == 1
+    assert plan_sparse_splits(max(1, sms // 2), 64, 512, 64, dev) == (sms // max(1, sms // 2))
+    assert plan_sparse_splits(max(1, sms // 4), 16, 512, 64, dev) == min(8, 2 * sms // max(1, sms // 4))
+    # never more splits than whole tiles, never fewer than one
+    assert plan_sparse_splits(1, 16, 100, 64, dev) == 1
+    assert plan_sparse_splits(10 * sms, 16, 512, 64, dev) == 1

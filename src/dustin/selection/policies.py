@@ -133,8 +133,7 @@ class Dustin(Policy):
 
     def observe_draft(self, draft, capture, at):
         """Keep the proposing queries; `score_lookahead` scores a step's queries together, so the draft's
-        scoring layers are read once per step rather than once per pass."""
-        self._draft = draft
+        scoring layers are read once per step rather than once per pass (`reset` keeps the draft)."""
         if at is not None:  # the first pass of a step: the queries `at` [B, K], at positions seq_lens + at
             self._look_start.copy_(draft.seq_lens.long() + at[:, 0])
             self._look_q = {layer: [q.gather(2, at[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))]
