@@ -208,11 +208,11 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     """Splits of an index set for `units` (sequence, KV head) programs with `block_m`-row tiles.
 
     Each split writes a partial output of `block_m` rows that the merge reads back. Measured on an H200
-    (the sweep in benchmarks/gpu/kernels.json): with 32 or more rows (a verification step's GQA group
-    x gamma + 1 queries) those partials cost about what the keys they save reading cost, and one program
-    per SM, rounded down, is best (72B shape, batch 16: one split, 15.9 us against 18.5 for two);
-    a draft's one query per head has tiny partials and wants two programs per SM (Qwen2.5-0.5B draft,
-    batch 16: eight splits, 7.0 us against 9.0 for two).
+    (the sweeps in benchmarks/gpu/kernels.json and benchmarks/gpu/draft-kernels/kernels.json): with 32
+    or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost about what
+    the keys they save reading cost, and one program per SM, rounded down, is best (72B shape, batch 16:
+    one split, 16.2 us against 18.6 for two); a draft's one query per head has tiny partials and wants
+    two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 7.1 us against 9.0 for two).
     """
     per_sm = 1 if block_m >= 32 else 2
     return int(max(1, min(per_sm * _sm_count(device) // units, n_keys // block_n, 32)))
