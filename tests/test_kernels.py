@@ -64,10 +64,11 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     idx = idx if per_head else idx[:, 0].contiguous()
     # duplicated -1 entries are all skipped; make the kept ones unique per row
     # four splits of 16-entry tiles leave some splits no index-set tile, only the last the new tokens
-    # three head splits of a group of 4 or 7 heads leave the last program fewer heads
-    for splits, fuse, prefetch, heads in ((1, True, True, 1), (4, False, False, 3), (4, True, True, 1), (2, True, True, 3)):
+    # three head splits of a group of 7 or 8 heads leave the last program fewer heads (3 + 3 + 1, 3 + 3 + 2)
+    for splits, fuse, prefetch, hs in ((1, True, True, 1), (1, True, True, 3), (4, False, False, 3),
+                                       (4, True, True, 1), (2, True, True, 3)):
         out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16, fuse_combine=fuse, prefetch=prefetch,
-                               head_splits=heads)
+                               head_splits=hs)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
     # the merge semaphores are left at zero for the next launch
     from dustin.attention.decode import _COUNTERS
@@ -110,6 +111,8 @@ def test_bad_input_is_refused():
         sparse_attention(q, k, v, sl, torch.zeros(2, 3, 4, device=DEV, dtype=torch.int32))
     with pytest.raises(DustinError, match="integer"):
         sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV))
+    with pytest.raises(DustinError, match="head_splits"):
+        sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV, dtype=torch.int32), head_splits=0)
     with pytest.raises(DustinError, match="head dims"):
         decode_attention(q[..., :24].contiguous(), k[..., :24].contiguous(), v[..., :24].contiguous(), sl)
     with pytest.raises(DustinError, match="out of range"):

@@ -96,10 +96,11 @@ if triton is not None:
         else:
             pos = tl.load(Pos + b * T + t)
             kv = head - HQ
+            cache_b = b.to(tl.int64) * s_kb  # past 2^31 elements for long caches at large batch
             if kv < HKV:
-                dst = CK + b * s_kb + kv * s_kh + pos * s_ks
+                dst = CK + cache_b + kv * s_kh + pos * s_ks
             else:
-                dst = CV + b * s_kb + (kv - HKV) * s_kh + pos * s_ks
+                dst = CV + cache_b + (kv - HKV) * s_kh + pos * s_ks
             tl.store(dst + half, y1.to(CK.dtype.element_ty))
             tl.store(dst + D // 2 + half, y2.to(CK.dtype.element_ty))
 

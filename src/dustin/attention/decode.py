@@ -40,24 +40,30 @@ def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _unit(pid, n_kv_heads, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
     """Program `pid`'s sequence, KV head, first query head and rows (its `GP` of the group's `G` heads x `T`)."""
     per_b = n_kv_heads * tl.cdiv(G, GP)
-    b = pid // per_b
+    b = (pid // per_b).to(tl.int64)  # b * batch stride passes 2^31 elements at 128k x 16 x 8 x 128
     h = (pid % per_b) // tl.cdiv(G, GP)
     first = (pid % tl.cdiv(G, GP)) * GP
     return b, h, h * G + first, tl.minimum(GP, G - first) * T
 
 
 @triton.jit
-def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
-    """One tile of online softmax: fold keys `k` / values `v` (`[N, D]`) into the running max, sum and output."""
+def _softmax_tile(q, k, visible, m_i, l_i, scale, PRECISION: tl.constexpr):
+    """Online softmax over keys `k` (`[N, D]`): the tile's probabilities under the new running max, the
+    factor that rescales what came before, and the new running max and sum."""
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr):
+    """One tile of online softmax: fold keys `k` / values `v` (`[N, D]`) into the running max, sum and output."""
+    p, alpha, m_i, l_i = _softmax_tile(q, k, visible, m_i, l_i, scale, PRECISION)
+    return m_i, l_i, acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
 
 @triton.jit
@@ -117,9 +123,12 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
             pos = start + tl.arange(0, BLOCK_N)
             col_ok = pos < hi
             k = tl.load(k_base + pos[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
             visible = col_ok[None, :] & (pos[None, :] <= L + t[:, None])
-            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+            p, alpha, m_i, l_i = _softmax_tile(q, k, visible, m_i, l_i, scale, PRECISION)
+            # V after the scores, the order the full cache reached the copy bandwidth with (loading it
+            # with K measured 1-3% slower across the H200 sweep)
+            v = tl.load(v_base + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     if N_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -132,7 +141,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
         tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
         tl.store(PartLse + part + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
         if FUSE_COMBINE:
-            # the last split of this (sequence, KV head) to finish merges them all: one launch per layer
+            # the last split of this program unit to finish merges them all: one launch per layer
             tl.debug_barrier()
             done = tl.atomic_add(Counter + pid, 1, sem="acq_rel", scope="gpu")
             if done == N_SPLITS - 1:
@@ -177,7 +186,8 @@ _RETIRED: list[torch.Tensor] = []  # outgrown semaphores stay allocated: a live 
 
 
 def semaphores(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed semaphores, one per (sequence, KV head), kept across launches (each launch leaves them zero)."""
+    """Zeroed semaphores, one per program unit (or output tile, for `dustin.linear`), kept across launches
+    (each launch leaves them zero)."""
     c = _COUNTERS.get(device)
     if c is None or c.numel() < n:
         if c is not None:
@@ -205,7 +215,7 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
 
 
 def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits of an index set for `units` (sequence, KV head) programs with `block_m`-row tiles.
+    """Splits of an index set for `units` programs (sequence, KV head, query-head group) of `block_m` rows.
 
     Each split writes a partial output of `block_m` rows that the merge reads back. Measured on an H200
     (the sweeps in benchmarks/gpu/kernels.json and benchmarks/gpu/draft-kernels/kernels.json): with 32
@@ -245,6 +255,8 @@ def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
             check, prefetch=True, head_splits=1):
+    if head_splits < 1:
+        raise DustinError(f"head_splits must be >= 1, got {head_splits}")
     if check:
         _check(q, k_cache, v_cache, seq_lens, indices)
         # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
@@ -309,7 +321,9 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      head_splits: int = 1, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
-    in the kernel's last program instead of a second launch (launches dominate this small read)."""
+    in the kernel's last program instead of a second launch (launches dominate this small read);
+    `prefetch` loads each tile's positions one tile ahead; `head_splits` shares a KV group's query heads
+    among that many programs (each reads the group's keys; by default one program reads them for all)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
                    prefetch=prefetch, head_splits=head_splits)

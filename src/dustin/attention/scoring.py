@@ -31,7 +31,7 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
                    BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // n_groups
+    b = (pid // n_groups).to(tl.int64)  # b * batch stride can pass 2^31 elements
     grp = pid % n_groups
     L = tl.load(SeqLens + b)
     kvh = tl.load(GroupKv + grp)
@@ -42,18 +42,20 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
     d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
     lo, hi = split_range(L + T, split, N_SPLITS, BLOCK_N)
+    k_base = K + b * s_kb + kvh * s_kh
+    l_base = Logits + b * s_lb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         col_ok = offs < hi
-        k = tl.load(K + b * s_kb + kvh * s_kh + offs[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + offs[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         visible = col_ok[None, :] & (offs[None, :] <= L + t[:, None]) & row_ok[:, None]
         qk = tl.where(visible, qk, float("-inf"))
         m_tile = tl.max(qk, 1)
         m_tile = tl.where(m_tile == float("-inf"), 0.0, m_tile)
-        tl.store(Logits + b * s_lb + head[:, None] * s_lh + t[:, None] * s_lt + offs[None, :],
+        tl.store(l_base + head[:, None] * s_lh + t[:, None] * s_lt + offs[None, :],
                  (qk - m_tile[:, None]).to(tl.float16), mask=row_ok[:, None] & col_ok[None, :])
         tl.store(TileMax + ((b * n_heads + head) * T + t) * n_tiles + start // BLOCK_N, m_tile, mask=row_ok)
         m_new = tl.maximum(m_i, tl.max(qk, 1))

@@ -2,7 +2,8 @@
 
 Per shape (query heads / KV heads / head dim of a real model), context and batch, with `gamma + 1`
 verification queries and a `budget`-entry index set:
-- full: our split-KV kernel against SDPA (`enable_gqa`, boolean mask for the causal tail);
+- full: our split-KV kernel (the best of a small split sweep: the baseline at its strongest) against
+  SDPA (`enable_gqa`, boolean mask for the causal tail);
 - sparse: our index-set kernel against gather + SDPA;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
 - selection: Dustin's budget split (two top-k over the context) on the GPU;
