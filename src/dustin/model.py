@@ -33,6 +33,13 @@ class QueryCapture:
     heads: dict[int, list[int]]
     q: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    def at(self, index: torch.Tensor) -> "QueryCapture":
+        """The captured queries at per-sequence token indices `index` `[B, K]`: each `q[layer]` becomes
+        `[B, len(heads), K, head_dim]`."""
+        idx = index.long()[:, None, :, None]
+        return QueryCapture(self.heads, {layer: q.gather(2, idx.expand(-1, q.shape[1], -1, q.shape[3]))
+                                         for layer, q in self.q.items()})
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

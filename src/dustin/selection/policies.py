@@ -136,8 +136,7 @@ class Dustin(Policy):
         scoring layers are read once per step rather than once per pass (`reset` keeps the draft)."""
         if at is not None:  # the first pass of a step: the queries `at` [B, K], at positions seq_lens + at
             self._look_start.copy_(draft.seq_lens.long() + at[:, 0])
-            self._look_q = {layer: [q.gather(2, at[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))]
-                            for layer, q in capture.q.items()}
+            self._look_q = {layer: [q] for layer, q in capture.at(at).q.items()}
         else:
             for layer, q in capture.q.items():
                 self._look_q[layer].append(q)
@@ -200,9 +199,7 @@ class Dustin(Policy):
         if capture is None or not capture.q:
             return
         if self.step_probs is None:  # "last" without a guard: score only the last committed token's query
-            at = n_acc.long()[:, None, None, None]
-            q = {layer: x.gather(2, at.expand(-1, x.shape[1], 1, x.shape[3])) for layer, x in capture.q.items()}
-            fresh = score_heads(target, QueryCapture(capture.heads, q), target.seq_lens.long() + n_acc.long())[:, 0]
+            fresh = score_heads(target, capture.at(n_acc[:, None]), target.seq_lens.long() + n_acc.long())[:, 0]
         else:
             probs = self.step_probs  # [B, T, S]
             T = probs.shape[1]
