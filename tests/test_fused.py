@@ -90,3 +90,23 @@ def test_ragged_prefill_near_the_end_of_the_cache_through_triton():
     outs = _per_backend(run)
     assert rel_err(outs["triton"][0], outs["torch"][0]) < TOL_PATHS
     assert rel_err(outs["triton"][1], outs["torch"][1]) < TOL_PATHS
+
+
+@pytest.mark.parametrize("rows,V,splits", [(1, 7, None), (3, 1000, 1), (5, 5000, 4), (2, 4097, None), (13, 3001, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_argmax_matches_torch(rows, V, splits, dtype):
+    """The split argmax kernel picks what torch.argmax picks: the first of tied maxima, a NaN over any
+    number, index 0 of a row of -inf, across split boundaries and on a strided view."""
+    from dustin.sampling import _argmax_triton
+
+    g = torch.Generator(device=DEV).manual_seed(rows * V)
+    x = torch.randn(rows, V, device=DEV, generator=g).to(dtype)
+    x[0, V // 3] = x.max() + 1
+    x[0, V // 2] = x[0, V // 3]
+    if rows > 1:
+        x[1] = float("-inf")
+    if rows > 2:
+        x[2, V - 1] = x[2, 1] = float("nan")
+    assert torch.equal(_argmax_triton(x, splits), x.argmax(-1))
+    wide = torch.randn(2, rows, V + 9, device=DEV, generator=g).to(dtype)[..., :V]
+    assert torch.equal(_argmax_triton(wide, splits), wide.argmax(-1))

@@ -23,6 +23,13 @@ from .errors import DustinError
 from .linear import MAX_ROWS, linear
 
 
+LINEAR_BACKENDS = {
+    "torch": "cuBLAS for every linear layer",
+    "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
+    "mixed": "cuBLAS, except the down projection: the fused kernel with SiLU(gate) * up in its loads",
+}
+
+
 @dataclass
 class QueryCapture:
     """Asks `decode` to keep the post-RoPE queries of some heads: `{layer: [head, ...]}`.
@@ -113,8 +120,10 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # one GEMM, not two
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool, fused_down: bool = False) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if fused_down:  # SiLU * up rides in the down projection's loads: two launches fewer than cuBLAS + SiLU
+            return linear(gate_up, self.down_proj.weight, self.down_proj.bias, silu_input=True, check=False)
         return self.down_proj(fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up))
 
 
@@ -130,12 +139,12 @@ class Block(nn.Module):
                 step: "_Step | None") -> tuple[torch.Tensor, torch.Tensor]:
         """Takes the residual stream and the previous block's pending output; returns the same pair, so
         each residual add rides in the next RMSNorm's kernel."""
-        if step is not None and step.small_linear:
+        if step is not None and step.linear == "triton":
             return self._small(residual if delta is None else residual + delta, cos, sin, step), None
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
-        return residual, self.mlp(h, fused)
+        return residual, self.mlp(h, fused, fused_down=step is not None and step.linear == "mixed")
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
         """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus
@@ -159,7 +168,7 @@ class _Step:
     capture: QueryCapture | None
     backend: str
     fused: bool  # the fused Triton layer ops (CUDA with the triton backend)
-    small_linear: bool  # linear layers through `linear.linear` (a few rows, `linear_backend == "triton"`)
+    linear: str  # the linear backend this pass uses: "torch" unless a few-row fused pass (`LINEAR_BACKENDS`)
     head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
 
 
@@ -178,9 +187,20 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.cache: KVCache | None = None
         self.attn_backend = "auto"
-        self.linear_backend = "torch"  # "triton": few-row passes through the fused linear kernels (a draft)
+        self.linear_backend = "torch"
         self._rope_len = 0
         self._head_indices: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def linear_backend(self) -> str:
+        """How few-row passes (a draft's decode steps) run their linear layers: one of `LINEAR_BACKENDS`."""
+        return self._linear_backend
+
+    @linear_backend.setter
+    def linear_backend(self, value: str) -> None:
+        if value not in LINEAR_BACKENDS:
+            raise DustinError(f"unknown linear backend {value!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
+        self._linear_backend = value
 
     @property
     def device(self) -> torch.device:
@@ -220,7 +240,7 @@ class Transformer(nn.Module):
             )
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, step: _Step | None,
-             logits_at: torch.Tensor | None) -> torch.Tensor:
+             logits_at: torch.Tensor | None, float_logits: bool = True) -> torch.Tensor:
         cos, sin = self._rope(positions)
         residual, delta = self.embed_tokens(input_ids), None
         for layer in self.layers:
@@ -229,7 +249,8 @@ class Transformer(nn.Module):
             at = logits_at[:, :, None].expand(-1, -1, residual.shape[-1])
             residual, delta = residual.gather(1, at), (delta.gather(1, at) if delta is not None else None)
         h, _ = self.norm(residual, delta, step is not None and step.fused)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)
+        return logits.float() if float_logits else logits
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Plain causal forward without cache: input_ids `[B, T]` -> logits `[B, T, V]` (float32)."""
@@ -279,12 +300,14 @@ class Transformer(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, *, indices=None, valid: torch.Tensor | None = None,
                logits_at: torch.Tensor | None = None, capture: QueryCapture | None = None,
-               check: bool = True) -> torch.Tensor:
+               float_logits: bool = True, check: bool = True) -> torch.Tensor:
         """Run `T` new tokens per sequence at positions `seq_lens[b] + t`, writing their K/V (uncommitted).
 
         input_ids: `[B, T]`; indices: None (whole cache), `[B, budget]` / `[B, Hkv, budget]` positions,
         or a callable `(layer, q) -> indices`; valid: `[B, T]` bool marks real tokens in a ragged
-        chunk; logits_at: `[B, K]` token offsets whose logits to return. Returns `[B, T or K, V]` float32.
+        chunk; logits_at: `[B, K]` token offsets whose logits to return. Returns `[B, T or K, V]` logits,
+        float32, or in the model's dtype with `float_logits=False` (a greedy decoder only takes their argmax,
+        and a vocabulary-wide float32 copy per row costs as much as the argmax).
         """
         cache = self._require_cache()
         B, T = input_ids.shape
@@ -302,11 +325,9 @@ class Transformer(nn.Module):
             positions = torch.where(valid, positions, cache.max_len)
         backend = resolve_backend(self.attn_backend, self.device)
         fused = backend == "triton" and T <= 16
-        if self.linear_backend not in ("torch", "triton"):
-            raise DustinError(f"unknown linear backend {self.linear_backend!r}; choose 'torch' or 'triton'")
-        small = fused and self.linear_backend == "triton" and B * T <= MAX_ROWS
-        step = _Step(cache, positions, indices, capture, backend, fused, small, self._head_index)
-        return self._run(input_ids, positions, step, logits_at)
+        linear_backend = self.linear_backend if fused and B * T <= MAX_ROWS else "torch"
+        step = _Step(cache, positions, indices, capture, backend, fused, linear_backend, self._head_index)
+        return self._run(input_ids, positions, step, logits_at, float_logits)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
                 chunk_size: int | None = None) -> torch.Tensor:

@@ -3,6 +3,86 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use torch.argmax
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _argmax_kernel(X, Out, PartV, PartI, Counter, V, s_x, chunk, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        split = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        best_v = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_i = tl.full([BLOCK], 2147483647, tl.int32)
+        lo = split * chunk
+        base = X + row.to(tl.int64) * s_x
+        for start in range(lo, tl.minimum(lo + chunk, V), BLOCK):
+            c = start + cols
+            x = tl.load(base + c, mask=c < V, other=float("-inf")).to(tl.float32)
+            # NaN wins, as in torch.argmax; a strict > keeps each lane's first maximum; a lane's first
+            # element is always taken (a row of -inf still has an argmax)
+            take = (x > best_v) | ((x != x) & (best_v == best_v)) | ((best_i == 2147483647) & (c < V))
+            best_v = tl.where(take, x, best_v)
+            best_i = tl.where(take, c, best_i)
+        v = tl.max(best_v, 0)
+        nan = tl.max((best_v != best_v).to(tl.int32), 0) > 0
+        hit = tl.where(nan, best_v != best_v, best_v == v)
+        i = tl.min(tl.where(hit, best_i, 2147483647), 0)
+        v = tl.where(nan, float("nan"), v)
+        if SPLITS == 1:
+            tl.store(Out + row, i.to(tl.int64))
+        else:
+            # each split parks its (max, first index); the row's last split to finish picks among them
+            tl.store(PartV + row * SPLITS + split, v)
+            tl.store(PartI + row * SPLITS + split, i)
+            tl.debug_barrier()
+            if tl.atomic_add(Counter + row, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                s = tl.arange(0, SPLITS)
+                pv = tl.load(PartV + row * SPLITS + s, volatile=True)
+                pi = tl.load(PartI + row * SPLITS + s, volatile=True)
+                pnan = pv != pv
+                hit = tl.where(tl.max(pnan.to(tl.int32), 0) > 0, pnan, pv == tl.max(pv, 0))
+                tl.store(Out + row, tl.min(tl.where(hit, pi, 2147483647), 0).to(tl.int64))
+                tl.atomic_xchg(Counter + row, 0)  # ready for the next launch
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`torch.argmax(logits, -1)` (the first maximum; NaN counts as the maximum) for `[..., V]` logits of any
+    float dtype, without the float32 copy of a vocabulary-wide row: on CUDA a split Triton kernel reads
+    the logits once, in their own dtype. Returns `[...]` int64."""
+    if triton is None or logits.device.type != "cuda" or logits.shape[-1] >= 2**31:
+        return logits.argmax(-1)
+    return _argmax_triton(logits)
+
+
+def _argmax_triton(logits: torch.Tensor, splits: int | None = None) -> torch.Tensor:
+    from .attention.decode import _sm_count, semaphores
+
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = x.shape[0]
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out.view(logits.shape[:-1])
+    block = 1024
+    if splits is None:  # about two programs per SM, each a few blocks of the row
+        splits = max(1, min(64, triton.cdiv(2 * _sm_count(x.device), rows), triton.cdiv(V, 4 * block)))
+    splits = triton.next_power_of_2(splits)
+    chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
+    part_v = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
+    part_i = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
+    counter = semaphores(x.device, rows)
+    _argmax_kernel[(rows, splits)](x, out, part_v, part_i, counter, V, x.stride(0), chunk, SPLITS=splits,
+                                   BLOCK=block, num_warps=4)
+    return out.view(logits.shape[:-1])
+
 
 def probs_from_logits(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """`[..., V]` logits -> probabilities after temperature and nucleus (top-p) filtering, float32."""
@@ -28,7 +108,7 @@ def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[tor
     draft: `[B, gamma]`; target_logits: `[B, gamma + 1, V]`. Returns `n_accepted [B]` in `0..gamma` and
     `next_token [B]`: the correction at the first mismatch, or the bonus token when all matched.
     """
-    choice = target_logits.argmax(-1)  # [B, gamma + 1]
+    choice = argmax(target_logits)  # [B, gamma + 1]
     match = (draft == choice[:, :-1]).long()
     n = match.cumprod(1).sum(1)
     return n, choice.gather(1, n[:, None]).squeeze(1)

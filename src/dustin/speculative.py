@@ -21,7 +21,7 @@ import torch
 from .config import SpecConfig
 from .errors import DustinError
 from .model import Transformer
-from .sampling import greedy_accept, probs_from_logits, sample, speculative_accept
+from .sampling import argmax, greedy_accept, probs_from_logits, sample, speculative_accept
 from .selection import streaming_indices
 
 PHASES = ("prefill", "draft", "verify", "accept", "step")  # "step": whole steps replayed from a CUDA graph
@@ -276,7 +276,7 @@ class Generator:
         gamma, live = self.config.gamma, st.live
         if self.config.method == "ar":
             with clock("verify"):
-                logits = self.target.decode(st.last[:, None], check=False)
+                logits = self.target.decode(st.last[:, None], float_logits=False, check=False)
             with clock("accept"):
                 nxt = self._choose(logits[:, 0, : self.vocab_size], gen)
                 n_acc = torch.zeros_like(nxt)
@@ -290,7 +290,7 @@ class Generator:
                 n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
                 if st.forced is not None:  # benchmarks: a given acceptance through the same path
                     n_acc = st.forced
-                    nxt = logits[..., : self.vocab_size].argmax(-1).gather(1, n_acc[:, None]).squeeze(1)
+                    nxt = argmax(logits[..., : self.vocab_size]).gather(1, n_acc[:, None]).squeeze(1)
                 if self.policy is not None:
                     self.policy.observe_target(self.target, self._capture, n_acc, live)
                 self.target.commit((n_acc + 1) * live, check=False)
@@ -306,19 +306,19 @@ class Generator:
         its guard asks. Returns `[B, gamma + 1, V]` logits."""
         if self.policy is None:
             self._capture = None
-            return self.target.decode(tokens, check=False)
+            return self.target.decode(tokens, float_logits=False, check=False)
         indices = self.policy.select(self.target, tokens)
         self._capture = self.policy.target_capture()
-        logits = self.target.decode(tokens, indices=indices, capture=self._capture, check=False)
+        logits = self.target.decode(tokens, indices=indices, capture=self._capture, float_logits=False, check=False)
         if self.policy.needs_full(self.target, self._capture) and indices is not None:
             self.stats.guarded += 1
-            logits = self.target.decode(tokens, check=False)
+            logits = self.target.decode(tokens, float_logits=False, check=False)
         return logits
 
     def _choose(self, logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """`[B, V]` logits -> `[B]` tokens: argmax when greedy, else a sample."""
         if self.config.temperature == 0:
-            return logits.argmax(-1)
+            return argmax(logits)
         return sample(probs_from_logits(logits, self.config.temperature, self.config.top_p), gen)
 
     def _draft_indices(self):
@@ -341,13 +341,14 @@ class Generator:
         tokens, probs = [], []
         for i in range(cfg.gamma):
             capture = self.policy.draft_capture() if self.policy is not None else None
-            logits = draft.decode(x, indices=self._draft_indices(), logits_at=at, capture=capture, check=False)
+            logits = draft.decode(x, indices=self._draft_indices(), logits_at=at, capture=capture,
+                                  float_logits=False, check=False)
             logits = logits[:, 0, : self.vocab_size]
             if capture is not None:
                 self.policy.observe_draft(draft, capture, at)
             draft.commit((n_fed if i == 0 else 1) * st.live, check=False)
             if greedy:
-                tok = logits.argmax(-1)
+                tok = argmax(logits)
             else:
                 q = probs_from_logits(logits, cfg.temperature, cfg.top_p)
                 tok = sample(q, gen)
