@@ -46,8 +46,8 @@ if triton is not None:
                 pv = tl.load(PartV + row * SPLITS + s, volatile=True)
                 pi = tl.load(PartI + row * SPLITS + s, volatile=True)
                 pnan = pv != pv
-                hit = tl.where(tl.max(pnan.to(tl.int32), 0) > 0, pnan, pv == tl.max(pv, 0))
-                tl.store(Out + row, tl.min(tl.where(hit, pi, 2147483647), 0).to(tl.int64))
+                phit = tl.where(tl.max(pnan.to(tl.int32), 0) > 0, pnan, pv == tl.max(pv, 0))
+                tl.store(Out + row, tl.min(tl.where(phit, pi, 2147483647), 0).to(tl.int64))
                 tl.atomic_xchg(Counter + row, 0)  # ready for the next launch
 
 
