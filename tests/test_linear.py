@@ -51,38 +51,21 @@ def test_linear_keeps_leading_dims_and_refuses_bad_input():
         linear(x, w, torch.zeros(8, device=DEV, dtype=DTYPE))
 
 
-@pytest.mark.parametrize("rows,k,n", [(1, 40, 24), (13, 200, 100), (16, 2100, 48)])
-def test_silu_input_matches_reference(rows, k, n):
-    """The down projection with SiLU(gate) * up applied as x loads, x = gate | up `[rows, 2 k]`."""
-    g = torch.Generator(device=DEV).manual_seed(rows + k)
-    x = torch.randn(rows, 2 * k, device=DEV, generator=g).to(DTYPE)
-    w = (torch.randn(n, k, device=DEV, generator=g) / k ** 0.5).to(DTYPE)
-    res = torch.randn(rows, n, device=DEV, generator=g).to(DTYPE)
-    expect = linear_reference(x.float(), w.float(), residual=res.float(), silu_input=True)
-    for splits in (None, 1, 3):
-        out = linear(x, w, residual=res, silu_input=True, splits=splits, block_k=64)
-        assert out.shape == (rows, n) and rel_err(out.float(), expect) < TOL, splits
-    with pytest.raises(DustinError, match="gate | up"):
-        linear(x[:, 1:], w, silu_input=True)
-    with pytest.raises(DustinError, match="does not fit"):
-        linear(x, w[:, 1:], silu_input=True)
-
-
 def test_linear_backend_is_checked_when_set():
     model = tiny_model(seed=3, dim=64)
-    with pytest.raises(DustinError, match="unknown linear backend 'cublas'.*mixed"):
+    with pytest.raises(DustinError, match="unknown linear backend 'cublas'.*triton"):
         model.linear_backend = "cublas"
     assert model.linear_backend == "torch"
 
 
-@pytest.mark.parametrize("T,backend", [(1, "triton"), (2, "triton"), (1, "mixed"), (2, "mixed")])
-def test_decode_through_fused_linears_equals_cublas_path(T, backend):
-    """A draft-sized decode step with its linear layers in the fused kernel (all of them, or the down
-    projection only) gives the same logits and cache as the same step through F.linear."""
+@pytest.mark.parametrize("T", [1, 2])
+def test_decode_through_fused_linears_equals_cublas_path(T):
+    """A draft-sized decode step with every linear layer in the fused kernel gives the same logits and
+    cache as the same step through F.linear."""
     model = tiny_model(seed=3, dim=64).to(DEV)  # head dim 16: the attention kernels' smallest
     ids = torch.randint(0, 64, (3, 40), device=DEV)
     outs, caches = [], []
-    for backend in ("torch", backend):
+    for backend in ("torch", "triton"):
         model.linear_backend = backend
         model.attn_backend = "triton"
         model.setup_cache(3, 64)

@@ -202,7 +202,7 @@ class SpecConfig:
     # streaming for magicdec, else full
     cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
     draft_linear: str = "torch"  # the draft's linear layers: torch (cuBLAS) | triton (the fused few-row kernels
-    # of `dustin.linear`) | mixed (cuBLAS but the down projection); `model.LINEAR_BACKENDS`
+    # of `dustin.linear`; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json)
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -219,8 +219,8 @@ class SpecConfig:
             raise DustinError(f"draft_kv must be auto, full, streaming or selected, got {self.draft_kv!r}")
         if self.draft_kv == "selected" and self.method != "dustin":
             raise DustinError("draft_kv='selected' reads the verification index set, so it needs method='dustin'")
-        if self.draft_linear not in ("torch", "triton", "mixed"):
-            raise DustinError(f"draft_linear must be torch, triton or mixed, got {self.draft_linear!r}")
+        if self.draft_linear not in ("torch", "triton"):
+            raise DustinError(f"draft_linear must be torch or triton, got {self.draft_linear!r}")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
 

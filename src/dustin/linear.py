@@ -38,12 +38,8 @@ MAX_ROWS = 64  # beyond this cuBLAS's tiling wins; the model routes larger passe
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-                     residual: torch.Tensor | None = None, silu_input: bool = False) -> torch.Tensor:
-    """x: `[..., K]` (`[..., 2 K]`, gate then up, with `silu_input`); weight: `[N, K]` (`[2 N, K]`, gate rows
-    then up rows, with `silu`); returns `[..., N]`."""
-    if silu_input:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x: `[..., K]`; weight: `[N, K]` (`[2 N, K]`, gate rows then up rows, with `silu`); returns `[..., N]`."""
     if norm_weight is not None:
         h = x.float()
         x = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -60,7 +56,6 @@ if triton is not None:
     def _linear_kernel(X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps,
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SILU_IN: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         pid_n = tl.program_id(0)
@@ -86,10 +81,6 @@ if triton is not None:
                 x_ok = row_ok[:, None] & k_ok[None, :]
                 w_ok = col_ok[:, None] & k_ok[None, :]
             x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=x_ok, other=0.0)
-            if SILU_IN:  # x holds gate | up: the down projection applies SiLU(gate) * up as it loads
-                up = tl.load(X + rows[:, None] * s_xm + (K + k0 + kk)[None, :], mask=x_ok, other=0.0)
-                g = x.to(tl.float32)
-                x = ((g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32) * up.to(tl.float32)).to(X.dtype.element_ty)
             if NORM:  # rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T): the RMS accumulates in the same pass
                 xf = x.to(tl.float32)
                 ss += tl.sum(xf * xf, 1)
@@ -166,21 +157,17 @@ def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int | 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-           residual: torch.Tensor | None = None, silu_input: bool = False, block_n: int | None = None,
-           block_k: int | None = None, splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-           check: bool = True) -> torch.Tensor:
-    """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` (`[..., 2 K]` with `silu_input`)
-    with a contiguous last dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`.
-    Returns `[..., N]`."""
-    K = x.shape[-1] // 2 if silu_input else x.shape[-1]
+           residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
+           splits: int | None = None, num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
+    """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
+    dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`."""
+    K = x.shape[-1]
     N = weight.shape[0] // 2 if silu else weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if check:
         if triton is None:
             raise DustinError("the fused linear kernel needs triton; use linear_reference")
-        if silu_input and (x.shape[-1] % 2 or norm_weight is not None):
-            raise DustinError(f"silu_input needs x as [..., 2 K] (gate | up), got {tuple(x.shape)}, and no norm_weight")
         if weight.dim() != 2 or weight.shape[1] != K or (silu and weight.shape[0] % 2):
             raise DustinError(f"weight {tuple(weight.shape)} does not fit x {tuple(x.shape)}"
                               + (" (silu needs [2 N, K])" if silu else ""))
@@ -216,7 +203,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, SILU_IN=silu_input, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
         PRECISION=dot_precision(x.dtype),
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -26,7 +26,6 @@ from .linear import MAX_ROWS, linear
 LINEAR_BACKENDS = {
     "torch": "cuBLAS for every linear layer",
     "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
-    "mixed": "cuBLAS, except the down projection: the fused kernel with SiLU(gate) * up in its loads",
 }
 
 
@@ -120,10 +119,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # one GEMM, not two
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool, fused_down: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if fused_down:  # SiLU * up rides in the down projection's loads: two launches fewer than cuBLAS + SiLU
-            return linear(gate_up, self.down_proj.weight, self.down_proj.bias, silu_input=True, check=False)
         return self.down_proj(fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up))
 
 
@@ -144,7 +141,7 @@ class Block(nn.Module):
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
-        return residual, self.mlp(h, fused, fused_down=step is not None and step.linear == "mixed")
+        return residual, self.mlp(h, fused)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
         """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus

@@ -61,7 +61,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _argmax_triton(logits: torch.Tensor, splits: int | None = None) -> torch.Tensor:
-    from .attention.decode import _sm_count, semaphores
+    from .attention.decode import semaphores
 
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
@@ -71,16 +71,16 @@ def _argmax_triton(logits: torch.Tensor, splits: int | None = None) -> torch.Ten
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     if rows == 0:
         return out.view(logits.shape[:-1])
-    block = 1024
-    if splits is None:  # about two programs per SM, each a few blocks of the row
-        splits = max(1, min(64, triton.cdiv(2 * _sm_count(x.device), rows), triton.cdiv(V, 4 * block)))
+    block = 2048
+    if splits is None:  # one block per program: a chain of loads in a program costs a latency each
+        splits = min(256, triton.cdiv(V, block))
     splits = triton.next_power_of_2(splits)
     chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
     part_v = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
     part_i = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
     counter = semaphores(x.device, rows)
     _argmax_kernel[(rows, splits)](x, out, part_v, part_i, counter, V, x.stride(0), chunk, SPLITS=splits,
-                                   BLOCK=block, num_warps=4)
+                                   BLOCK=block, num_warps=8)
     return out.view(logits.shape[:-1])
 
 

@@ -36,7 +36,6 @@ METHODS = {
     "dustin": dict(method="dustin"),
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
-    "dustin+draft-selected+mixed-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="mixed"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
 }
 SLACK = 64
