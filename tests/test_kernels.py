@@ -75,6 +75,64 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("splits,per_head", [(1, False), (3, True), (None, False)])
+def test_sparse_attention_rope_equals_rope_write_then_sparse(shape, splits, per_head):
+    """One launch for RoPE, the cache write and attention gives what `rope_write` then `sparse_attention`
+    give: the same output and the same cache, padding tokens sent to the scratch slot included."""
+    from dustin import fused
+    from dustin.attention.decode import sparse_attention_rope
+
+    B, hq, hkv, T, D, lens = shape
+    dtype = DTYPES[0]
+    S = max(lens) + T + 4
+    g = torch.Generator(device=DEV).manual_seed(7)
+    qkv = torch.randn(B, T, (hq + 2 * hkv) * D, device=DEV, generator=g).to(dtype)
+    ang = torch.rand(B, T, D // 2, device=DEV, generator=g) * 6
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    sl = torch.tensor(lens, device=DEV, dtype=torch.int32)
+    pos = sl[:, None].long() + torch.arange(T, device=DEV)
+    pos[0, T - 1:] = S - 1 if T > 1 else pos[0, T - 1:]  # a padding token of a ragged chunk: the scratch slot
+    heads = hkv if per_head else 1
+    idx = torch.stack([torch.randperm(max(lens) + 8, generator=g, device=DEV)[:30] - 4 for _ in range(B * heads)])
+    idx = idx.view(B, heads, 30).clamp(min=-1).to(torch.int32)
+    idx = idx if per_head else idx[:, 0].contiguous()
+    k0 = torch.randn(B, hkv, S, D, device=DEV, generator=g).to(dtype)
+    v0 = torch.randn(B, hkv, S, D, device=DEV, generator=g).to(dtype)
+    k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    q = fused.rope_write(qkv, cos[:, None], sin[:, None], pos, k1, v1, hq, hkv)
+    expect = sparse_attention(q, k1, v1, sl, idx, n_splits=splits, block_n=16)
+    out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16)
+    assert out.shape == (B, hq, T, D) and out.dtype == dtype
+    real = torch.ones(B, T, dtype=torch.bool, device=DEV)
+    real[0, T - 1] = T == 1  # the padding token's own output is never used (the two paths differ there)
+    real = real[:, None, :, None]
+    assert rel_err(torch.where(real, out, 0).float(), torch.where(real, expect, 0).float()) < TOL[dtype]
+    assert rel_err(k2.float(), k1.float()) < TOL[dtype] and torch.equal(v2, v1)
+
+
+def test_sparse_attention_rope_refuses_bad_input():
+    from dustin.attention.decode import sparse_attention_rope
+
+    B, T, hq, hkv, D, S = 2, 3, 4, 2, 32, 50
+    qkv = torch.zeros(B, T, (hq + 2 * hkv) * D, device=DEV, dtype=DTYPES[0])
+    cs = torch.zeros(B, T, D, device=DEV)
+    k = torch.zeros(B, hkv, S, D, device=DEV, dtype=DTYPES[0])
+    sl = torch.tensor([10, 20], device=DEV, dtype=torch.int32)
+    pos = sl[:, None].long() + torch.arange(T, device=DEV)
+    idx = torch.zeros(B, 4, device=DEV, dtype=torch.int32)
+    with pytest.raises(DustinError, match="fused projection of 3 query heads"):
+        sparse_attention_rope(qkv, cs, cs, pos, k, k.clone(), sl, idx, 3)
+    with pytest.raises(DustinError, match="cos must be float32"):
+        sparse_attention_rope(qkv, cs.half(), cs, pos, k, k.clone(), sl, idx, hq)
+    with pytest.raises(DustinError, match="positions must lie"):
+        sparse_attention_rope(qkv, cs, cs, pos + 40, k, k.clone(), sl, idx, hq)
+    with pytest.raises(DustinError, match="needs an index set"):
+        sparse_attention_rope(qkv, cs, cs, pos, k, k.clone(), sl, None, hq)
+    with pytest.raises(DustinError, match="indices must be"):
+        sparse_attention_rope(qkv, cs, cs, pos, k, k.clone(), sl, idx.float(), hq)
+
+
 def test_sparse_over_every_entry_equals_dense():
     q, k, v, sl = make(3, 8, 2, 5, 64, 140, [100, 37, 128], DTYPES[0])
     idx = torch.arange(130, device=DEV, dtype=torch.int32)[None].expand(3, -1).contiguous()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fused as fused_ops
-from .attention import attend, resolve_backend
+from .attention import attend, attend_rope, resolve_backend
 from .cache import KVCache, available_memory, estimate_memory
 from .config import ModelArgs
 from .errors import DustinError
@@ -99,6 +99,12 @@ class Attention(nn.Module):
         this pass's K/V written into it."""
         B, T, _ = qkv.shape
         cache = step.cache
+        capture = step.capture is not None and self.layer in step.capture.heads
+        if step.fused and torch.is_tensor(step.indices) and not capture:
+            # nobody needs q itself: RoPE, the cache write and the attention in one launch
+            out = attend_rope(qkv, cos[:, 0], sin[:, 0], step.positions, cache.k[self.layer], cache.v[self.layer],
+                              cache.seq_lens, step.indices, self.n_heads)
+            return out.transpose(1, 2).reshape(B, T, -1)
         if step.fused:
             q = fused_ops.rope_write(qkv, cos, sin, step.positions, cache.k[self.layer], cache.v[self.layer],
                                      self.n_heads, self.n_kv_heads)
@@ -106,7 +112,7 @@ class Attention(nn.Module):
             q, k, v = fused_ops.split_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
             q, k = fused_ops.rope_reference(q, cos, sin), fused_ops.rope_reference(k, cos, sin)
             cache.write(self.layer, k, v, step.positions)
-        if step.capture is not None and self.layer in step.capture.heads:
+        if capture:
             step.capture.q[self.layer] = q.index_select(1, step.head_index(step.capture.heads[self.layer]))
         indices = step.indices(self.layer, q) if callable(step.indices) else step.indices
         out = attend(q, cache.k[self.layer], cache.v[self.layer], cache.seq_lens, indices=indices, backend=step.backend)

@@ -47,6 +47,20 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
     return reference.sparse_attention(q, k_cache, v_cache, seq_lens, indices)
 
 
+def attend_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
+                n_heads: int) -> torch.Tensor:
+    """RoPE of the fused projection's q and k, k and v written into the cache at `positions`, and attention
+    over `indices` plus the new tokens, in one Triton launch (`decode.sparse_attention_rope`).
+
+    qkv: `[B, T, (Hq + 2 Hkv) D]`; cos, sin: `[B, T, D]` float32; positions: `[B, T]`. Returns `[B, Hq, T, D]`.
+    """
+    from . import decode
+
+    return decode.sparse_attention_rope(qkv, cos, sin, positions, k_cache, v_cache, seq_lens, indices, n_heads,
+                                        check=False)
+
+
 def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads: torch.Tensor, *,
           backend: str = "torch") -> torch.Tensor:
     """Full-context attention probabilities of chosen heads, summed over the heads: one score per

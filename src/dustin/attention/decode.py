@@ -67,12 +67,12 @@ def _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION: tl.constexpr
 
 
 @triton.jit
-def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
-                 s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot,
+def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, Pos,
+                 s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot, s_cb, s_ct,
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
-                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, PRECISION: tl.constexpr):
+                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
@@ -81,8 +81,12 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
     t = rows % T
     row_ok = rows < n_rows
     d = tl.arange(0, D)
-    q_ptr = Q + b * s_qb + (head0 + rows // T)[:, None] * s_qh + t[:, None] * s_qt + d[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+    q_rows = Q + b * s_qb + (head0 + rows // T)[:, None] * s_qh + t[:, None] * s_qt
+    if ROPE:  # Q is the fused q/k/v projection `[B, T, (Hq + 2 Hkv) D]`: rotate q as it loads
+        q = _rotate(q_rows, Cos + b * s_cb + t[:, None] * s_ct, Sin + b * s_cb + t[:, None] * s_ct, d,
+                    row_ok[:, None], D).to(K.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
 
@@ -113,8 +117,21 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
             j = tl.arange(0, BLOCK_T)
             # padding rows of a ragged prefill chunk may reach past the cache: never read there
             new_ok = (j < T) & (L + j < n_cache)
-            k = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
-            v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
+            if ROPE:
+                # this program rotates its KV head's new keys, writes them and the values into the cache
+                # and attends to them from registers (the index set never holds positions >= L)
+                real = (j < T)[:, None]
+                new_rows = Q + b * s_qb + j[:, None] * s_qt
+                cs = b * s_cb + j[:, None] * s_ct
+                k = _rotate(new_rows + (n_kv_heads * G + h) * s_qh, Cos + cs, Sin + cs, d, real,
+                            D).to(K.dtype.element_ty)
+                v = tl.load(new_rows + (n_kv_heads * (G + 1) + h) * s_qh + d[None, :], mask=real, other=0.0)
+                pos = tl.load(Pos + b * T + j, mask=j < T, other=0)
+                tl.store(k_base + pos[:, None] * s_ks + d[None, :], k, mask=real)
+                tl.store(v_base + pos[:, None] * s_vs + d[None, :], v, mask=real)
+            else:
+                k = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
+                v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
             visible = new_ok[None, :] & (j[None, :] <= t[:, None])
             m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
     else:
@@ -148,6 +165,17 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter,
                 _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
                        T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
+
+
+@triton.jit
+def _rotate(rows, cos, sin, d, mask, D: tl.constexpr):
+    """RoPE (half-split rotation, as `fused.rope_write` computes it: float32, one rounding by the caller)
+    of the rows whose first elements `rows` points at (`[R, 1]`); cos, sin: `[R, 1]` pointers likewise."""
+    x = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(rows + ((d + D // 2) % D)[None, :], mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(cos + d[None, :], mask=mask, other=0.0)
+    s = tl.load(sin + d[None, :], mask=mask, other=0.0)
+    return x * c + tl.where(d[None, :] < D // 2, -partner, partner) * s
 
 
 @triton.jit
@@ -253,16 +281,49 @@ def _check(q, k_cache, v_cache, seq_lens, indices=None) -> None:
             raise DustinError("indices must be a contiguous integer tensor on the device of q")
 
 
+def _check_rope(qkv, cos, sin, positions, n_heads, k_cache, v_cache, seq_lens, indices) -> None:
+    if qkv.dim() != 3 or k_cache.dim() != 4:
+        raise DustinError(f"expected qkv [B, T, (Hq + 2 Hkv) D] and caches [B, Hkv, S, D], got {tuple(qkv.shape)}, "
+                          f"{tuple(k_cache.shape)}")
+    B, T, width = qkv.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    if n_heads < 1 or n_heads % Hkv or width != (n_heads + 2 * Hkv) * D or qkv.stride(-1) != 1:
+        raise DustinError(f"qkv {tuple(qkv.shape)} is not a contiguous fused projection of {n_heads} query heads "
+                          f"for the cache {tuple(k_cache.shape)}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.shape != (B, T, D) or x.dtype != torch.float32 or x.stride(-1) != 1 or x.device != qkv.device:
+            raise DustinError(f"{name} must be float32 [B, T, D] = {(B, T, D)} on {qkv.device} with a contiguous "
+                              f"last dimension, got {tuple(x.shape)} {x.dtype}")
+    if positions.shape != (B, T) or positions.dtype not in (torch.int32, torch.int64) or not positions.is_contiguous():
+        raise DustinError(f"positions must be a contiguous integer [B, T] = {(B, T)}, got {tuple(positions.shape)}")
+    if bool(((positions < 0) | (positions >= k_cache.shape[2])).any()):
+        raise DustinError(f"positions must lie in the cache's [0, {k_cache.shape[2]})")
+    if indices is None:
+        raise DustinError("sparse_attention_rope needs an index set; the whole cache goes through rope_write "
+                          "and decode_attention")
+    q = qkv[..., : n_heads * D].unflatten(-1, (n_heads, D)).transpose(1, 2)  # a view: the checks read its shape
+    _check(q, k_cache, v_cache, seq_lens, indices)
+
+
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check, prefetch=True, head_splits=1):
+            check, prefetch=True, head_splits=1, rope=None):
+    """`rope`: None, or (cos, sin, positions, n_heads) when `q` is the fused q/k/v projection."""
     if head_splits < 1:
         raise DustinError(f"head_splits must be >= 1, got {head_splits}")
+    if rope is None:
+        B, Hq, T, D = q.shape
+        s_q = q.stride(0), q.stride(1), q.stride(2)
+    else:
+        B, T, D, Hq = q.shape[0], q.shape[1], k_cache.shape[-1], rope[3]
+        s_q = q.stride(0), D, q.stride(1)
     if check:
-        _check(q, k_cache, v_cache, seq_lens, indices)
+        if rope is None:
+            _check(q, k_cache, v_cache, seq_lens, indices)
+        else:
+            _check_rope(q, *rope, k_cache, v_cache, seq_lens, indices)
         # a key position past the cache would be an out-of-bounds read: refuse it (one host sync)
-        if int(seq_lens.max()) + q.shape[2] > k_cache.shape[2] or int(seq_lens.min()) < 0:
-            raise DustinError(f"seq_lens + {q.shape[2]} new tokens exceed the cache of {k_cache.shape[2]} positions")
-    B, Hq, T, D = q.shape
+        if int(seq_lens.max()) + T > k_cache.shape[2] or int(seq_lens.min()) < 0:
+            raise DustinError(f"seq_lens + {T} new tokens exceed the cache of {k_cache.shape[2]} positions")
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     GP = -(-G // head_splits)  # query heads per program
@@ -282,6 +343,11 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         s_ib, s_ih, n_budget = idx.stride(0), (idx.stride(1) if idx.shape[1] > 1 else 0), idx.shape[-1]
     else:
         idx, s_ib, s_ih, n_budget = seq_lens, 0, 0, 0
+    cos = sin = pos = out
+    s_c = (0, 0)
+    if rope is not None:
+        cos, sin, pos = rope[0], rope[1], rope[2]
+        s_c = cos.stride(0), cos.stride(1)
     part_o = part_lse = out
     if n_splits > 1:
         part_o = torch.empty(units * n_splits * block_m, D, device=q.device, dtype=torch.float32)
@@ -289,12 +355,13 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     fuse = fuse_combine and n_splits > 1
     counter = semaphores(q.device, units) if fuse else seq_lens
     _attn_kernel[(units, n_splits)](
-        q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter, cos, sin, pos,
+        *s_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
-        out.stride(0), out.stride(1), out.stride(2), Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
+        out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
-        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, PRECISION=dot_precision(q.dtype),
+        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
+        PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
@@ -327,3 +394,20 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
                    prefetch=prefetch, head_splits=head_splits)
+
+
+def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
+                          n_heads: int, *, n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                          num_stages: int = 3, check: bool = True) -> torch.Tensor:
+    """`fused.rope_write` then `sparse_attention`, in one launch: a few-row decode pass is bound by its
+    launches. The program that attends to the new tokens rotates its KV head's keys, writes keys and
+    values into the cache at `positions` and uses them from registers.
+
+    qkv: `[B, T, (n_heads + 2 Hkv) D]` with a contiguous last dimension; cos, sin: `[B, T, D]` float32;
+    positions: `[B, T]` cache slots of the new tokens (`seq_lens[b] + t`, or a scratch slot for padding);
+    the rest as `sparse_attention`. Returns `[B, n_heads, T, D]`.
+    """
+    return _launch(qkv, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
+                   num_warps=num_warps, num_stages=num_stages, fuse_combine=True, check=check,
+                   rope=(cos, sin, positions, n_heads))
