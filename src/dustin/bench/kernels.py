@@ -86,16 +86,17 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         out["sdpa_nomask_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                                calls=3, replays=7)
     # the engine's default plan is the headline; the sweep shows whether another split count would beat it
-    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{int(pf)}-heads{hs}": (
-        lambda n=n, bn=bn, st=st, pf=pf, hs=hs: sparse_attention(
+    # prefetch 2: keys and values one tile ahead; heads 2: two programs share a KV group's query heads
+    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{pf}-heads{hs}-w{w}": (
+        lambda n=n, bn=bn, st=st, pf=pf, hs=hs, w=w: sparse_attention(
             q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn, num_stages=st, prefetch=pf,
-            head_splits=hs, check=False))
-        for n, bn, st, pf, hs in ((None, None, 3, True, 1), (1, 64, 3, True, 1), (2, 64, 3, True, 1),
-                                  (4, 64, 3, True, 1), (8, 64, 3, True, 1), (2, 32, 4, True, 1), (1, 64, 5, False, 1),
-                                  (1, 64, 3, True, 2), (1, 64, 3, True, 4), (2, 64, 3, True, 2), (1, 32, 4, True, 2),
-                                  (None, None, 3, True, 2), (None, None, 3, True, 4))}
+            head_splits=hs, num_warps=w, check=False))
+        for n, bn, st, pf, hs, w in ((None, None, 3, 1, 1, 4), (1, 64, 3, 1, 1, 4), (2, 64, 3, 1, 1, 4),
+                                     (4, 64, 3, 1, 1, 4), (1, 64, 5, 0, 1, 4), (1, 64, 3, 1, 2, 4),
+                                     (1, 64, 3, 2, 1, 4), (1, 64, 3, 2, 1, 8), (1, 32, 3, 2, 1, 4),
+                                     (None, None, 3, 2, 1, 8), (2, 64, 3, 2, 1, 8))}
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
-    out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1-heads1"
+    out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1-heads1-w4"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
@@ -121,9 +122,9 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["select_matches_reference"] = bool(torch.equal(budget_split(s_T, s_D, lens, m, **split).sort(1).values, want))
     select = {f"bl{bl}-w{w}": (lambda bl=bl, w=w: budget_split_triton(s_T, s_D, lens, m, **split, block=bl,
                                                                        num_warps=w))
-              for bl, w in ((2048, 8), (1024, 4), (1024, 8), (2048, 16), (4096, 16))}
+              for bl, w in ((1024, 8), (512, 4), (1024, 4), (2048, 8), (2048, 16))}
     out["select_best_config"], out["select_best_s"], out["select_variants_s"] = _best(select)
-    out["select_config"] = "bl2048-w8"  # budget_split_triton's defaults
+    out["select_config"] = "bl1024-w8"  # budget_split_triton's defaults
     out["select_s"] = _default(out["select_variants_s"], out["select_config"])
     out["select_reference_s"] = time_graph(lambda: budget_split_reference(s_T, s_D, lens, m, **split))
     both = torch.stack([s_T, s_D]).view(2 * B, S)
