@@ -65,9 +65,8 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     # duplicated -1 entries are all skipped; make the kept ones unique per row
     # four splits of 16-entry tiles leave some splits no index-set tile, only the last the new tokens
     # three head splits of a group of 7 or 8 heads leave the last program fewer heads (3 + 3 + 1, 3 + 3 + 2)
-    # prefetch 2 (keys and values one tile ahead) over one tile, several, and splits with none
-    for splits, fuse, prefetch, hs in ((1, True, 1, 1), (1, True, 1, 3), (4, False, 0, 3), (4, True, 1, 1),
-                                       (2, True, 1, 3), (1, True, 2, 1), (4, True, 2, 3)):
+    for splits, fuse, prefetch, hs in ((1, True, True, 1), (1, True, True, 3), (4, False, False, 3),
+                                       (4, True, True, 1), (2, True, True, 3)):
         out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16, fuse_combine=fuse, prefetch=prefetch,
                                head_splits=hs)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]

@@ -98,33 +98,21 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
         # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
         lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
         idx_ptr = Idx + b * s_ib + h * s_ih
-        if PREFETCH == 2:
-            # the next tile's keys and values are in flight while this one is computed, their positions
-            # two tiles ahead (a gathered read waits on the positions it gathers by)
+        if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
             first = lo + tl.arange(0, BLOCK_N)
-            idx_next = tl.load(idx_ptr + first + BLOCK_N, mask=first + BLOCK_N < hi, other=-1)
-            k_next, v_next, ok_next = _gather(k_base, v_base, tl.load(idx_ptr + first, mask=first < hi, other=-1),
-                                              L, s_ks, s_vs, d)
-            for start in range(lo, hi, BLOCK_N):
-                k, v, col_ok = k_next, v_next, ok_next
-                ahead = start + 2 * BLOCK_N + tl.arange(0, BLOCK_N)
-                k_next, v_next, ok_next = _gather(k_base, v_base, idx_next, L, s_ks, s_vs, d)
+            idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
+        for start in range(lo, hi, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            if PREFETCH:
+                idx = idx_next
+                ahead = offs + BLOCK_N
                 idx_next = tl.load(idx_ptr + ahead, mask=ahead < hi, other=-1)
-                m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
-        else:
-            if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
-                first = lo + tl.arange(0, BLOCK_N)
-                idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
-            for start in range(lo, hi, BLOCK_N):
-                offs = start + tl.arange(0, BLOCK_N)
-                if PREFETCH:
-                    idx = idx_next
-                    ahead = offs + BLOCK_N
-                    idx_next = tl.load(idx_ptr + ahead, mask=ahead < hi, other=-1)
-                else:
-                    idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
-                k, v, col_ok = _gather(k_base, v_base, idx, L, s_ks, s_vs, d)
-                m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
+            else:
+                idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
+            col_ok = (idx >= 0) & (idx < L)
+            k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+            m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
         if split == N_SPLITS - 1:
             j = tl.arange(0, BLOCK_T)
             # padding rows of a ragged prefill chunk may reach past the cache: never read there
@@ -177,15 +165,6 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
                        T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
-
-
-@triton.jit
-def _gather(k_base, v_base, idx, L, s_ks, s_vs, d):
-    """Keys and values at positions `idx` (`[N]`), zeros where a position is not in `[0, L)`."""
-    ok = (idx >= 0) & (idx < L)
-    k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=ok[:, None], other=0.0)
-    v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=ok[:, None], other=0.0)
-    return k, v, ok
 
 
 @triton.jit
@@ -381,7 +360,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
-        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=int(prefetch), ROPE=rope is not None,
+        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
         PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
@@ -405,13 +384,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
-                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: int = 1,
+                     num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
                      head_splits: int = 1, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read);
-    `prefetch` loads each tile's positions one tile ahead (1, True), or also its keys and values, with the
-    positions two tiles ahead (2); `head_splits` shares a KV group's query heads
+    `prefetch` loads each tile's positions one tile ahead; `head_splits` shares a KV group's query heads
     among that many programs (each reads the group's keys; by default one program reads them for all)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,

@@ -6,7 +6,7 @@ verification queries and a `budget`-entry index set:
   SDPA (`enable_gqa`, boolean mask for the causal tail);
 - sparse: our index-set kernel against gather + SDPA;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
-- selection: Dustin's budget split on the GPU, our one-launch radix select against the torch top-k path;
+- selection: Dustin's budget split (two top-k over the context) on the GPU;
 - per layer, Dustin's verification attention = sparse (the default plan, as the engine runs it) +
   (scoring + selection) / n_layers, against full.
 Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from ..attention import reference
 from ..attention.decode import decode_attention, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
-from ..selection.indices import budget_split, budget_split_reference
-from ..selection.kernel import budget_split_triton
+from ..selection.indices import budget_split
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
 
@@ -86,17 +85,16 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         out["sdpa_nomask_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                                calls=3, replays=7)
     # the engine's default plan is the headline; the sweep shows whether another split count would beat it
-    # prefetch 2: keys and values one tile ahead; heads 2: two programs share a KV group's query heads
-    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{pf}-heads{hs}-w{w}": (
-        lambda n=n, bn=bn, st=st, pf=pf, hs=hs, w=w: sparse_attention(
+    # heads 2: two programs share a KV group's query heads, each reading the group's keys
+    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{int(pf)}" + (f"-heads{hs}" if hs > 1 else ""): (
+        lambda n=n, bn=bn, st=st, pf=pf, hs=hs: sparse_attention(
             q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn, num_stages=st, prefetch=pf,
-            head_splits=hs, num_warps=w, check=False))
-        for n, bn, st, pf, hs, w in ((None, None, 3, 1, 1, 4), (1, 64, 3, 1, 1, 4), (2, 64, 3, 1, 1, 4),
-                                     (4, 64, 3, 1, 1, 4), (1, 64, 5, 0, 1, 4), (1, 64, 3, 1, 2, 4),
-                                     (1, 64, 3, 2, 1, 4), (1, 64, 3, 2, 1, 8), (1, 32, 3, 2, 1, 4),
-                                     (None, None, 3, 2, 1, 8), (2, 64, 3, 2, 1, 8))}
+            head_splits=hs, check=False))
+        for n, bn, st, pf, hs in ((None, None, 3, True, 1), (1, 64, 3, True, 1), (2, 64, 3, True, 1),
+                                  (4, 64, 3, True, 1), (8, 64, 3, True, 1), (2, 32, 4, True, 1), (1, 64, 5, False, 1),
+                                  (1, 64, 3, True, 2))}
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
-    out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1-heads1-w4"
+    out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
@@ -117,18 +115,9 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     s_T = torch.rand(B, S, device=device, generator=g)
     s_D = torch.rand(B, S, device=device, generator=g)
     m = (budget - 20) // 4
-    split = dict(budget=budget, n_sink=4, n_recent=16)
-    want = budget_split_reference(s_T, s_D, lens, m, **split).sort(1).values
-    out["select_matches_reference"] = bool(torch.equal(budget_split(s_T, s_D, lens, m, **split).sort(1).values, want))
-    select = {f"bl{bl}-w{w}": (lambda bl=bl, w=w: budget_split_triton(s_T, s_D, lens, m, **split, block=bl,
-                                                                       num_warps=w))
-              for bl, w in ((1024, 8), (512, 4), (1024, 4), (2048, 8), (2048, 16))}
-    out["select_best_config"], out["select_best_s"], out["select_variants_s"] = _best(select)
-    out["select_config"] = "bl1024-w8"  # budget_split_triton's defaults
-    out["select_s"] = _default(out["select_variants_s"], out["select_config"])
-    out["select_reference_s"] = time_graph(lambda: budget_split_reference(s_T, s_D, lens, m, **split))
+    out["select_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
     both = torch.stack([s_T, s_D]).view(2 * B, S)
-    out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the reference's top-k
+    out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the top-k inside the split
     out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers
     out["dustin_speedup"] = out["full_s"] / out["dustin_layer_s"]
     del k, v

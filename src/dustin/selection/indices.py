@@ -81,21 +81,8 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
 
     history, lookahead: `[B, S]` scores; seq_lens: `[B]`; m: `[B]` or int, the draft share per
     sequence. Returns `[B, budget]` unique positions below each `seq_lens[b]`; a sequence shorter than
-    `budget` gets `0..budget-1` (read in full: attention ignores entries past its length). On a CUDA
-    device one Triton launch computes it (`kernel.budget_split_triton`: the same set, in position order),
-    elsewhere `budget_split_reference`.
+    `budget` gets `0..budget-1` (read in full: attention ignores entries past its length).
     """
-    if history.is_cuda:
-        from .kernel import budget_split_triton
-
-        return budget_split_triton(history.float(), lookahead.float(), seq_lens, m, budget=budget, n_sink=n_sink,
-                                   n_recent=n_recent)
-    return budget_split_reference(history, lookahead, seq_lens, m, budget=budget, n_sink=n_sink, n_recent=n_recent)
-
-
-def budget_split_reference(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch.Tensor,
-                           m: torch.Tensor | int, *, budget: int, n_sink: int, n_recent: int) -> torch.Tensor:
-    """`budget_split` in torch: one top-k ranks both signals, a merge takes the split (best first)."""
     B, S = history.shape
     if S <= budget:  # no sequence can outgrow the budget
         return torch.arange(budget, device=history.device)[None].expand(B, -1)
