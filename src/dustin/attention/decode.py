@@ -119,7 +119,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
             new_ok = (j < T) & (L + j < n_cache)
             if ROPE:
                 # this program rotates its KV head's new keys, writes them and the values into the cache
-                # and attends to them from registers (the index set never holds positions >= L)
+                # and attends to them from registers (the index set never holds positions >= L); with
+                # head_splits > 1 each program of the group writes the same values
                 real = (j < T)[:, None]
                 new_rows = Q + b * s_qb + j[:, None] * s_qt
                 cs = b * s_cb + j[:, None] * s_ct
