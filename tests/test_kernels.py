@@ -65,10 +65,13 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     # duplicated -1 entries are all skipped; make the kept ones unique per row
     # four splits of 16-entry tiles leave some splits no index-set tile, only the last the new tokens
     # three head splits of a group of 7 or 8 heads leave the last program fewer heads (3 + 3 + 1, 3 + 3 + 2)
-    for splits, fuse, prefetch, hs in ((1, True, True, 1), (1, True, True, 3), (4, False, False, 3),
-                                       (4, True, True, 1), (2, True, True, 3)):
+    # value splits leave each program D / 2 or D / 4 value columns (at least 16)
+    vs = max(x for x in (1, 2, 4) if D // x >= 16)
+    for splits, fuse, prefetch, hs, vsp in ((1, True, True, 1, 1), (1, True, True, 3, 1), (4, False, False, 3, 1),
+                                            (4, True, True, 1, 1), (2, True, True, 3, 1), (1, True, True, 1, vs),
+                                            (4, True, True, 3, vs), (2, False, True, 1, min(vs, 2))):
         out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16, fuse_combine=fuse, prefetch=prefetch,
-                               head_splits=hs)
+                               head_splits=hs, value_splits=vsp)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
     # the merge semaphores are left at zero for the next launch
     from dustin.attention.decode import _COUNTERS
@@ -102,13 +105,16 @@ def test_sparse_attention_rope_equals_rope_write_then_sparse(shape, splits, per_
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = fused.rope_write(qkv, cos[:, None], sin[:, None], pos, k1, v1, hq, hkv)
     expect = sparse_attention(q, k1, v1, sl, idx, n_splits=splits, block_n=16)
-    out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16)
-    assert out.shape == (B, hq, T, D) and out.dtype == dtype
     real = torch.ones(B, T, dtype=torch.bool, device=DEV)
     real[0, T - 1] = T == 1  # the padding token's own output is never used (the two paths differ there)
     real = real[:, None, :, None]
-    assert rel_err(torch.where(real, out, 0).float(), torch.where(real, expect, 0).float()) < TOL[dtype]
-    assert rel_err(k2.float(), k1.float()) < TOL[dtype] and torch.equal(v2, v1)
+    for vs in sorted({1, 2 if D >= 32 else 1}):  # value splits: each program writes its value columns
+        k2, v2 = k0.clone(), v0.clone()
+        out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16,
+                                    value_splits=vs)
+        assert out.shape == (B, hq, T, D) and out.dtype == dtype
+        assert rel_err(torch.where(real, out, 0).float(), torch.where(real, expect, 0).float()) < TOL[dtype]
+        assert rel_err(k2.float(), k1.float()) < TOL[dtype] and torch.equal(v2, v1)
 
 
 def test_sparse_attention_rope_refuses_bad_input():
@@ -169,6 +175,8 @@ def test_bad_input_is_refused():
         sparse_attention(q, k, v, sl, torch.zeros(2, 3, 4, device=DEV, dtype=torch.int32))
     with pytest.raises(DustinError, match="integer"):
         sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV))
+    with pytest.raises(DustinError, match="value_splits"):
+        sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV, dtype=torch.int32), value_splits=3)
     with pytest.raises(DustinError, match="head_splits"):
         sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV, dtype=torch.int32), head_splits=0)
     with pytest.raises(DustinError, match="head dims"):
@@ -189,3 +197,28 @@ def test_sparse_split_plan_follows_partial_size():
     # never more splits than whole tiles, never fewer than one
     assert plan_sparse_splits(1, 16, 100, 64, dev) == 1
     assert plan_sparse_splits(10 * sms, 16, 512, 64, dev) == 1
+
+
+@pytest.mark.parametrize("budget,n_sink,n_recent", [(64, 4, 16), (37, 0, 5), (50, 3, 0)])
+def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
+    """The Triton merge around torch's top-k gives the reference's index sets exactly: ties (integer
+    scores), sequences shorter than the budget, per-sequence m from 0 to past the free share."""
+    from dustin.selection import indices, split_kernels
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+    B, S = 13, 301
+    rest = budget - n_sink - n_recent
+    lens = torch.randint(budget, S + 1, (B,), device=DEV, generator=g)
+    lens[1], lens[4] = budget - 1, 7  # read in full
+    hist = torch.rand(B, S, device=DEV, generator=g)
+    look = torch.randint(0, 4, (B, S), device=DEV, generator=g).half()  # many ties
+    m = torch.randint(0, rest + 1, (B,), device=DEV, generator=g)
+    m[0], m[2], m[3] = 0, rest, rest + 9
+    for mm in (m, 5):
+        expect = indices.budget_split(hist, look, lens, mm, budget=budget, n_sink=n_sink, n_recent=n_recent)
+        got = split_kernels.budget_split(hist, look, lens, mm, budget=budget, n_sink=n_sink, n_recent=n_recent)
+        assert got.dtype == torch.long and torch.equal(got, expect)
+    with pytest.raises(DustinError, match="one \\[B, S\\] shape"):
+        split_kernels.budget_split(hist, look[:, :9], lens, 5, budget=budget, n_sink=n_sink, n_recent=n_recent)
+    with pytest.raises(DustinError, match="floating point"):
+        split_kernels.budget_split(hist, look, lens.float(), 5, budget=budget, n_sink=n_sink, n_recent=n_recent)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..attention import reference
 from ..attention.decode import decode_attention, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
+from ..selection import split_kernels
 from ..selection.indices import budget_split
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
@@ -85,14 +86,19 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         out["sdpa_nomask_full_s"] = time_graph(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                                calls=3, replays=7)
     # the engine's default plan is the headline; the sweep shows whether another split count would beat it
-    # heads 2: two programs share a KV group's query heads, each reading the group's keys
-    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{int(pf)}" + (f"-heads{hs}" if hs > 1 else ""): (
-        lambda n=n, bn=bn, st=st, pf=pf, hs=hs: sparse_attention(
+    # heads 2: two programs share a KV group's query heads, each reading the group's keys; values 2 / 4:
+    # that many programs share the value columns, each reading all keys; w8: eight warps
+    variants = [(None, None, 3, True, 1, 1, 4), (1, 64, 3, True, 1, 1, 4), (2, 64, 3, True, 1, 1, 4),
+                (4, 64, 3, True, 1, 1, 4), (8, 64, 3, True, 1, 1, 4), (2, 32, 4, True, 1, 1, 4),
+                (1, 64, 5, False, 1, 1, 4), (1, 64, 3, True, 2, 1, 4), (1, 64, 3, True, 1, 2, 4),
+                (1, 64, 3, True, 1, 4, 4), (2, 64, 3, True, 1, 2, 4), (1, 32, 4, True, 1, 2, 4),
+                (1, 128, 2, True, 1, 2, 8), (4, 64, 3, True, 1, 2, 4)]
+    sparse = {f"splits{n}-bn{bn}-s{st}-prefetch{int(pf)}" + (f"-heads{hs}" if hs > 1 else "")
+              + (f"-values{vs}" if vs > 1 else "") + (f"-w{w}" if w != 4 else ""): (
+        lambda n=n, bn=bn, st=st, pf=pf, hs=hs, vs=vs, w=w: sparse_attention(
             q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn, num_stages=st, prefetch=pf,
-            head_splits=hs, check=False))
-        for n, bn, st, pf, hs in ((None, None, 3, True, 1), (1, 64, 3, True, 1), (2, 64, 3, True, 1),
-                                  (4, 64, 3, True, 1), (8, 64, 3, True, 1), (2, 32, 4, True, 1), (1, 64, 5, False, 1),
-                                  (1, 64, 3, True, 2))}
+            head_splits=hs, value_splits=vs, num_warps=w, check=False))
+        for n, bn, st, pf, hs, vs, w in variants if D // vs >= 16}
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
@@ -115,7 +121,12 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     s_T = torch.rand(B, S, device=device, generator=g)
     s_D = torch.rand(B, S, device=device, generator=g)
     m = (budget - 20) // 4
-    out["select_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
+    out["select_s"] = time_graph(lambda: split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
+                                                                   n_recent=16, check=False))
+    out["select_equal"] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
+                                                                      n_recent=16),
+                                           budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)))
+    out["select_torch_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
     both = torch.stack([s_T, s_D]).view(2 * B, S)
     out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the top-k inside the split
     out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers

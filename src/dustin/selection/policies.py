@@ -161,8 +161,11 @@ class Dustin(Policy):
             return None
         c = self.config
         self.score_lookahead()
-        self.indices.copy_(budget_split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
-                                        n_sink=c.n_sink, n_recent=c.n_recent))
+        split = budget_split
+        if attention.resolve_backend(target.attn_backend, target.device) == "triton":
+            from .split_kernels import budget_split as split  # same sets, two launches around the top-k
+        self.indices.copy_(split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
+                                 n_sink=c.n_sink, n_recent=c.n_recent))
         self.has_indices = True
         return self.indices
 
