@@ -65,13 +65,10 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
     # duplicated -1 entries are all skipped; make the kept ones unique per row
     # four splits of 16-entry tiles leave some splits no index-set tile, only the last the new tokens
     # three head splits of a group of 7 or 8 heads leave the last program fewer heads (3 + 3 + 1, 3 + 3 + 2)
-    # value splits leave each program D / 2 or D / 4 value columns (at least 16)
-    vs = max(x for x in (1, 2, 4) if D // x >= 16)
-    for splits, fuse, prefetch, hs, vsp in ((1, True, True, 1, 1), (1, True, True, 3, 1), (4, False, False, 3, 1),
-                                            (4, True, True, 1, 1), (2, True, True, 3, 1), (1, True, True, 1, vs),
-                                            (4, True, True, 3, vs), (2, False, True, 1, min(vs, 2))):
+    for splits, fuse, prefetch, hs in ((1, True, True, 1), (1, True, True, 3), (4, False, False, 3),
+                                       (4, True, True, 1), (2, True, True, 3)):
         out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=16, fuse_combine=fuse, prefetch=prefetch,
-                               head_splits=hs, value_splits=vsp)
+                               head_splits=hs)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
     # the merge semaphores are left at zero for the next launch
     from dustin.attention.decode import _COUNTERS
@@ -105,16 +102,13 @@ def test_sparse_attention_rope_equals_rope_write_then_sparse(shape, splits, per_
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = fused.rope_write(qkv, cos[:, None], sin[:, None], pos, k1, v1, hq, hkv)
     expect = sparse_attention(q, k1, v1, sl, idx, n_splits=splits, block_n=16)
+    out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16)
+    assert out.shape == (B, hq, T, D) and out.dtype == dtype
     real = torch.ones(B, T, dtype=torch.bool, device=DEV)
     real[0, T - 1] = T == 1  # the padding token's own output is never used (the two paths differ there)
     real = real[:, None, :, None]
-    for vs in sorted({1, 2 if D >= 32 else 1}):  # value splits: each program writes its value columns
-        k2, v2 = k0.clone(), v0.clone()
-        out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16,
-                                    value_splits=vs)
-        assert out.shape == (B, hq, T, D) and out.dtype == dtype
-        assert rel_err(torch.where(real, out, 0).float(), torch.where(real, expect, 0).float()) < TOL[dtype]
-        assert rel_err(k2.float(), k1.float()) < TOL[dtype] and torch.equal(v2, v1)
+    assert rel_err(torch.where(real, out, 0).float(), torch.where(real, expect, 0).float()) < TOL[dtype]
+    assert rel_err(k2.float(), k1.float()) < TOL[dtype] and torch.equal(v2, v1)
 
 
 def test_sparse_attention_rope_refuses_bad_input():
@@ -152,13 +146,16 @@ def test_score_positions_matches_reference(kv_heads, T):
     B, hkv, D, lens = 3, 3, 64, [150, 1, 63]
     dtype = DTYPES[0]
     q, k, _, sl = make(B, len(kv_heads), hkv, T, D, max(lens) + T + 9, lens, dtype)
-    for splits in (1, 4):
-        out = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32)
+    # one launch or two; one normaliser per sequence, or three (64 positions each)
+    for splits, one, per in ((1, True, 4096), (4, True, 64), (4, False, 64), (2, False, 4096)):
+        out = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32, one_launch=one, norm_positions=per)
         expect = ref(reference.position_scores, q, k, sl, torch.tensor(kv_heads, device=DEV))
         assert out.shape == expect.shape == (B, T, k.shape[2])
         assert (out - expect).abs().max() < 1e-3 * len(kv_heads)
         # every query's scores sum to the number of heads
         assert torch.allclose(out.sum(-1), torch.full((B, T), float(len(kv_heads)), device=DEV), atol=1e-3)
+    from dustin.attention.decode import _COUNTERS
+    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())  # left at zero for the next launch
 
 
 def test_bad_input_is_refused():
@@ -175,8 +172,6 @@ def test_bad_input_is_refused():
         sparse_attention(q, k, v, sl, torch.zeros(2, 3, 4, device=DEV, dtype=torch.int32))
     with pytest.raises(DustinError, match="integer"):
         sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV))
-    with pytest.raises(DustinError, match="value_splits"):
-        sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV, dtype=torch.int32), value_splits=3)
     with pytest.raises(DustinError, match="head_splits"):
         sparse_attention(q, k, v, sl, torch.zeros(2, 4, device=DEV, dtype=torch.int32), head_splits=0)
     with pytest.raises(DustinError, match="head dims"):

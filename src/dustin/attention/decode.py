@@ -2,8 +2,7 @@
 
 One kernel serves both cases. A program owns one (sequence, KV head) and one split of the keys it
 reads; the rows of its tile are all query heads of the KV group times all new tokens, so every key and
-value is read once for the whole group (`head_splits` can share a group among programs instead, and
-`value_splits` the value columns: each such program reads all keys but only its share of the values).
+value is read once for the whole group (`head_splits` can share a group among programs instead).
 Splits (flash-decoding) fill the GPU at small batch; the last split to finish merges them, or a second
 small kernel does. An index set is read in whole tiles and the new tokens as one small tile of their
 own. References: `reference.dense_attention`, `reference.sparse_attention`.
@@ -39,7 +38,7 @@ def split_range(n_keys, split, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _unit(pid, n_kv_heads, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
-    """Program unit `pid`'s sequence, KV head, first query head and rows (its `GP` of the group's `G` heads x `T`)."""
+    """Program `pid`'s sequence, KV head, first query head and rows (its `GP` of the group's `G` heads x `T`)."""
     per_b = n_kv_heads * tl.cdiv(G, GP)
     b = (pid // per_b).to(tl.int64)  # b * batch stride passes 2^31 elements at 128k x 16 x 8 x 128
     h = (pid % per_b) // tl.cdiv(G, GP)
@@ -73,13 +72,10 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
-                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, V_SPLITS: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it, share of the value columns)
+                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
-    b, h, head0, n_rows = _unit(pid // V_SPLITS, n_kv_heads, T, G, GP)
-    DV: tl.constexpr = D // V_SPLITS
-    dv = (pid % V_SPLITS) * DV + tl.arange(0, DV)  # this program's value columns
+    b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
@@ -96,7 +92,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
     if SPARSE:
         # the index set in whole tiles split evenly; the T new tokens are one small tile of the last split,
         # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
@@ -115,7 +111,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
             col_ok = (idx >= 0) & (idx < L)
             k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + idx[:, None] * s_vs + dv[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
         if split == N_SPLITS - 1:
             j = tl.arange(0, BLOCK_T)
@@ -124,21 +120,19 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
             if ROPE:
                 # this program rotates its KV head's new keys, writes them and the values into the cache
                 # and attends to them from registers (the index set never holds positions >= L); with
-                # head_splits > 1 each program of the group writes the same values; of a KV head's value
-                # splits, each writes its value columns and the first the keys
+                # head_splits > 1 each program of the group writes the same values
                 real = (j < T)[:, None]
                 new_rows = Q + b * s_qb + j[:, None] * s_qt
                 cs = b * s_cb + j[:, None] * s_ct
                 k = _rotate(new_rows + (n_kv_heads * G + h) * s_qh, Cos + cs, Sin + cs, d, real,
                             D).to(K.dtype.element_ty)
-                v = tl.load(new_rows + (n_kv_heads * (G + 1) + h) * s_qh + dv[None, :], mask=real, other=0.0)
+                v = tl.load(new_rows + (n_kv_heads * (G + 1) + h) * s_qh + d[None, :], mask=real, other=0.0)
                 pos = tl.load(Pos + b * T + j, mask=j < T, other=0)
-                k_rows = tl.where(pid % V_SPLITS == 0, T, 0)  # new keys this program writes
-                tl.store(k_base + pos[:, None] * s_ks + d[None, :], k, mask=(j < k_rows)[:, None])
-                tl.store(v_base + pos[:, None] * s_vs + dv[None, :], v, mask=real)
+                tl.store(k_base + pos[:, None] * s_ks + d[None, :], k, mask=real)
+                tl.store(v_base + pos[:, None] * s_vs + d[None, :], v, mask=real)
             else:
                 k = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
-                v = tl.load(v_base + (L + j)[:, None] * s_vs + dv[None, :], mask=new_ok[:, None], other=0.0)
+                v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
             visible = new_ok[None, :] & (j[None, :] <= t[:, None])
             m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
     else:
@@ -151,32 +145,27 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
             p, alpha, m_i, l_i = _softmax_tile(q, k, visible, m_i, l_i, scale, PRECISION)
             # V after the scores, the order the full cache reached the copy bandwidth with (loading it
             # with K measured 1-3% slower across the H200 sweep)
-            v = tl.load(v_base + pos[:, None] * s_vs + dv[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
-    o_ptr = _out_rows(Out, b, head0, rows, s_ob, s_oh, s_ot, T) + dv[None, :]
     if N_SPLITS == 1:
-        tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+        out = acc / l_i[:, None]
+        o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
+        tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     else:
         part = (pid * N_SPLITS + split) * BLOCK_M
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         # only the real rows: a small index set makes these partials a large share of the traffic
-        tl.store(PartO + (part + rows)[:, None] * DV + tl.arange(0, DV)[None, :], acc / l_safe[:, None],
-                 mask=row_ok[:, None])
+        tl.store(PartO + (part + rows)[:, None] * D + d[None, :], acc / l_safe[:, None], mask=row_ok[:, None])
         tl.store(PartLse + part + rows, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
         if FUSE_COMBINE:
             # the last split of this program unit to finish merges them all: one launch per layer
             tl.debug_barrier()
             done = tl.atomic_add(Counter + pid, 1, sem="acq_rel", scope="gpu")
             if done == N_SPLITS - 1:
-                _merge(PartO, PartLse, o_ptr, pid * N_SPLITS * BLOCK_M, row_ok, DV, BLOCK_M, N_SPLITS)
+                _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
+                       T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
-
-
-@triton.jit
-def _out_rows(Out, b, head0, rows, s_ob, s_oh, s_ot, T: tl.constexpr):
-    """`[BLOCK_M, 1]` pointers to the first output element of each tile row (query head x new token)."""
-    return Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot
 
 
 @triton.jit
@@ -191,34 +180,34 @@ def _rotate(rows, cos, sin, d, mask, D: tl.constexpr):
 
 
 @triton.jit
-def _merge(PartO, PartLse, o_ptr, base, row_ok, DV: tl.constexpr, BLOCK_M: tl.constexpr, N_SPLITS: tl.constexpr):
-    """Merge the splits' normalised partial outputs (`[N_SPLITS x BLOCK_M, DV]` from row `base`) by their
-    log-sum-exp weights into `o_ptr` (`[BLOCK_M, DV]` pointers)."""
+def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.constexpr, D: tl.constexpr,
+           BLOCK_M: tl.constexpr, N_SPLITS: tl.constexpr):
+    """Merge the splits' normalised partial outputs by their log-sum-exp weights."""
     rows = tl.arange(0, BLOCK_M)
-    d = tl.arange(0, DV)
+    d = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in tl.static_range(N_SPLITS):
         m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True))
     total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row_ok = rows < n_rows
     for s in tl.static_range(N_SPLITS):
         w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True) - m)
         total += w
-        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * DV + d[None, :],
+        acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :],
                                     mask=row_ok[:, None], other=0.0, volatile=True)
-    tl.store(o_ptr, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
+    tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
                     T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    N_SPLITS: tl.constexpr, V_SPLITS: tl.constexpr):
+                    N_SPLITS: tl.constexpr):
     pid = tl.program_id(0)
-    b, h, head0, n_rows = _unit(pid // V_SPLITS, n_kv_heads, T, G, GP)
-    DV: tl.constexpr = D // V_SPLITS
-    rows = tl.arange(0, BLOCK_M)
-    o_ptr = _out_rows(Out, b, head0, rows, s_ob, s_oh, s_ot, T) + ((pid % V_SPLITS) * DV + tl.arange(0, DV))[None, :]
-    _merge(PartO, PartLse, o_ptr, pid * N_SPLITS * BLOCK_M, rows < n_rows, DV, BLOCK_M, N_SPLITS)
+    b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
+    _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
+           T, D, BLOCK_M, N_SPLITS)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -318,14 +307,10 @@ def _check_rope(qkv, cos, sin, positions, n_heads, k_cache, v_cache, seq_lens, i
 
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check, prefetch=True, head_splits=1, value_splits=1, rope=None):
+            check, prefetch=True, head_splits=1, rope=None):
     """`rope`: None, or (cos, sin, positions, n_heads) when `q` is the fused q/k/v projection."""
     if head_splits < 1:
         raise DustinError(f"head_splits must be >= 1, got {head_splits}")
-    D = k_cache.shape[-1]
-    if value_splits not in (1, 2, 4) or D % value_splits or D // value_splits < 16:
-        raise DustinError(f"value_splits must be 1, 2 or 4 and leave >= 16 value columns per program "
-                          f"(head dim {D}), got {value_splits}")
     if rope is None:
         B, Hq, T, D = q.shape
         s_q = q.stride(0), q.stride(1), q.stride(2)
@@ -343,7 +328,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     Hkv = k_cache.shape[1]
     G = Hq // Hkv
     GP = -(-G // head_splits)  # query heads per program
-    units = B * Hkv * -(-G // GP) * value_splits  # programs per split
+    units = B * Hkv * -(-G // GP)
     block_m = max(16, triton.next_power_of_2(GP * T))
     sparse = indices is not None
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
@@ -366,7 +351,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         s_c = cos.stride(0), cos.stride(1)
     part_o = part_lse = out
     if n_splits > 1:
-        part_o = torch.empty(units * n_splits * block_m, D // value_splits, device=q.device, dtype=torch.float32)
+        part_o = torch.empty(units * n_splits * block_m, D, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(units * n_splits * block_m, device=q.device, dtype=torch.float32)
     fuse = fuse_combine and n_splits > 1
     counter = semaphores(q.device, units) if fuse else seq_lens
@@ -377,12 +362,11 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
-        V_SPLITS=value_splits, PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
-                                  T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, V_SPLITS=value_splits,
-                                  num_warps=4)
+                                  T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
     return out
 
 
@@ -402,23 +386,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
                      num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
-                     head_splits: int = 1, value_splits: int = 1, check: bool = True) -> torch.Tensor:
+                     head_splits: int = 1, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read);
     `prefetch` loads each tile's positions one tile ahead; `head_splits` shares a KV group's query heads
-    among that many programs (each reads the group's keys; by default one program reads them for all);
-    `value_splits` (1, 2 or 4) shares the value columns likewise: more programs without partial outputs
-    to merge, for the price of reading the keys that many times (mostly from L2)."""
+    among that many programs (each reads the group's keys; by default one program reads them for all)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
-                   prefetch=prefetch, head_splits=head_splits, value_splits=value_splits)
+                   prefetch=prefetch, head_splits=head_splits)
 
 
 def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
                           n_heads: int, *, n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                          num_stages: int = 3, value_splits: int = 1, check: bool = True) -> torch.Tensor:
+                          num_stages: int = 3, check: bool = True) -> torch.Tensor:
     """`fused.rope_write` then `sparse_attention`, in one launch: a few-row decode pass is bound by its
     launches. The program that attends to the new tokens rotates its KV head's keys, writes keys and
     values into the cache at `positions` and uses them from registers.
@@ -429,4 +411,4 @@ def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """
     return _launch(qkv, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=True, check=check,
-                   value_splits=value_splits, rope=(cos, sin, positions, n_heads))
+                   rope=(cos, sin, positions, n_heads))

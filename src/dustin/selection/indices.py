@@ -80,12 +80,14 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     """Dustin's selection: P (sinks + recent) + top-`m` of `lookahead` + top of `history` for the rest.
 
     history, lookahead: `[B, S]` scores; seq_lens: `[B]`; m: `[B]` or int, the draft share per
-    sequence. Returns `[B, budget]` unique positions below each `seq_lens[b]`; a sequence shorter than
-    `budget` gets `0..budget-1` (read in full: attention ignores entries past its length).
+    sequence. Returns `[B, budget]` unique positions below each `seq_lens[b]`, in increasing order; a
+    sequence shorter than `budget` gets `0..budget-1` (read in full: attention ignores entries past its
+    length).
     """
     B, S = history.shape
     if S <= budget:  # no sequence can outgrow the budget
         return torch.arange(budget, device=history.device)[None].expand(B, -1)
     rest = budget - n_sink - n_recent
     cands = Candidates.rank(history, lookahead, seq_lens, rest=rest, n_sink=n_sink, n_recent=n_recent)
-    return cands.assemble(cands.split(m), budget=budget, n_sink=n_sink, n_recent=n_recent)
+    # in position order: the sparse kernels' gathered reads of a sorted set spread less
+    return cands.assemble(cands.split(m), budget=budget, n_sink=n_sink, n_recent=n_recent).sort(dim=1).values
