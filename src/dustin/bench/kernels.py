@@ -108,12 +108,9 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     q_s = q[:, : len(heads), :1].contiguous()
     out["score_rel_err"] = float((score_positions(q_s, k, lens, heads) -
                                   reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
-    # two: the normalisers in a second launch instead of the logits kernel's grid
-    score = {f"splits{n}-bn{bn}-w{w}-s{st}" + ("" if one else "-two"): (
-        lambda n=n, bn=bn, w=w, st=st, one=one: score_positions(
-            q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, one_launch=one, check=False))
-        for n, bn, w, st, one in ((None, 64, 4, 4, True), (None, 64, 4, 4, False), (None, 128, 4, 3, True),
-                                  (32, 64, 4, 4, True), (32, 128, 4, 3, True), (8, 128, 8, 3, True))}
+    score = {f"splits{n}-bn{bn}-w{w}-s{st}": (lambda n=n, bn=bn, w=w, st=st: score_positions(
+        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, check=False))
+        for n in (None, 32) for bn, w, st in ((64, 4, 4), (128, 4, 3))}
     out["score_best_config"], out["score_best_s"], out["score_variants_s"] = _best(score)
     out["score_config"] = "splitsNone-bn64-w4-s4"  # score_positions' defaults
     out["score_s"] = _default(out["score_variants_s"], out["score_config"])
