@@ -6,7 +6,8 @@ verification queries and a `budget`-entry index set:
   SDPA (`enable_gqa`, boolean mask for the causal tail);
 - sparse: our index-set kernel against gather + SDPA;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
-- selection: Dustin's budget split (two top-k over the context) on the GPU;
+- selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), and
+  the all-torch path it replaces;
 - per layer, Dustin's verification attention = sparse (the default plan, as the engine runs it) +
   (scoring + selection) / n_layers, against full.
 Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
