@@ -201,8 +201,9 @@ class SpecConfig:
     draft_kv: str = "auto"  # what the draft reads: full | streaming | selected (dustin's set + recent); auto:
     # streaming for magicdec, else full
     cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
-    draft_linear: str = "torch"  # the draft's linear layers: torch (cuBLAS) | triton (the fused few-row kernels
-    # of `dustin.linear`; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json)
+    draft_linear: str = "down"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
+    # and its residual add in `dustin.linear`'s kernel: benchmarks/gpu/e2e.json) | triton (every one in the fused
+    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json)
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -219,8 +220,8 @@ class SpecConfig:
             raise DustinError(f"draft_kv must be auto, full, streaming or selected, got {self.draft_kv!r}")
         if self.draft_kv == "selected" and self.method != "dustin":
             raise DustinError("draft_kv='selected' reads the verification index set, so it needs method='dustin'")
-        if self.draft_linear not in ("torch", "triton"):
-            raise DustinError(f"draft_linear must be torch or triton, got {self.draft_linear!r}")
+        if self.draft_linear not in ("torch", "down", "triton"):
+            raise DustinError(f"draft_linear must be torch, down or triton, got {self.draft_linear!r}")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
 

@@ -25,6 +25,8 @@ from .linear import MAX_ROWS, linear
 
 LINEAR_BACKENDS = {
     "torch": "cuBLAS for every linear layer",
+    "down": "cuBLAS, but the down projection in the fused few-row kernel with the residual add in its "
+            "epilogue (no split-K reduce launch)",
     "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
 }
 
@@ -147,6 +149,10 @@ class Block(nn.Module):
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
+        if step is not None and step.linear == "down":
+            mlp = self.mlp
+            return linear(fused_ops.silu_mul(mlp.gate_up_proj(h)), mlp.down_proj.weight, residual=residual,
+                          check=False), None
         return residual, self.mlp(h, fused)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:

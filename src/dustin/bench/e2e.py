@@ -36,6 +36,7 @@ METHODS = {
     "dustin": dict(method="dustin"),
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
+    "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
 }
 SLACK = 64
