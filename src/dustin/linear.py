@@ -14,8 +14,9 @@ the last split of a tile to finish adds the parked partial sums and runs the epi
 second launch. Reference: `linear_reference`.
 
 Measured on the H200 (`benchmarks/gpu/linear.md`) it beats cuBLAS plus the separate kernels on the o and
-down projections but loses on qkv and gate/up, and a whole block is slower: models use it only when
-asked (`Transformer.linear_backend = "triton"`, `SpecConfig.draft_linear`).
+down projections but loses on qkv and gate/up, and a whole block is slower: a draft runs its down
+projection here by default (`Transformer.linear_backend = "down"`, `SpecConfig.draft_linear`; faster
+end to end, `benchmarks/gpu/e2e.json`) and the whole block only when asked (`"triton"`).
 
     >>> y = linear(x, w, b, norm_weight=ln.weight, eps=1e-6)          # qkv of a pre-norm block
     >>> y = linear(act, w_down, residual=h)                           # down projection + residual
