@@ -202,7 +202,7 @@ def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
     rest = budget - n_sink - n_recent
     lens = torch.randint(budget, S + 1, (B,), device=DEV, generator=g)
     lens[1], lens[4] = budget - 1, 7  # read in full
-    hist = torch.rand(B, S, device=DEV, generator=g)
+    hist = torch.rand(B, S + 7, device=DEV, generator=g)[:, :S]  # rows S + 7 apart
     look = torch.randint(0, 4, (B, S), device=DEV, generator=g).half()  # many ties
     m = torch.randint(0, rest + 1, (B,), device=DEV, generator=g)
     m[0], m[2], m[3] = 0, rest, rest + 9
@@ -210,7 +210,16 @@ def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
         expect = indices.budget_split(hist, look, lens, mm, budget=budget, n_sink=n_sink, n_recent=n_recent)
         got = split_kernels.budget_split(hist, look, lens, mm, budget=budget, n_sink=n_sink, n_recent=n_recent)
         assert got.dtype == torch.long and torch.equal(got, expect)
+        own = torch.zeros(B * S, dtype=torch.int8, device=DEV)  # a caller's own scratch, left zeroed
+        got = split_kernels.budget_split(hist, look, lens, mm, budget=budget, n_sink=n_sink, n_recent=n_recent,
+                                         scratch=own)
+        assert torch.equal(got, expect) and int(own.abs().sum()) == 0
     with pytest.raises(DustinError, match="one \\[B, S\\] shape"):
         split_kernels.budget_split(hist, look[:, :9], lens, 5, budget=budget, n_sink=n_sink, n_recent=n_recent)
     with pytest.raises(DustinError, match="floating point"):
         split_kernels.budget_split(hist, look, lens.float(), 5, budget=budget, n_sink=n_sink, n_recent=n_recent)
+    with pytest.raises(DustinError, match="m must be"):
+        split_kernels.budget_split(hist, look, lens, m[:3], budget=budget, n_sink=n_sink, n_recent=n_recent)
+    with pytest.raises(DustinError, match="scratch must be"):
+        split_kernels.budget_split(hist, look, lens, m, budget=budget, n_sink=n_sink, n_recent=n_recent,
+                                   scratch=torch.zeros(5, dtype=torch.int8, device=DEV))

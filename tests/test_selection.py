@@ -26,7 +26,7 @@ def test_budget_split_index_sets(m):
         if L < budget:
             assert row == list(range(budget))  # read in full
             continue
-        assert len(set(row)) == budget and all(0 <= j < L for j in row)
+        assert len(set(row)) == budget and all(0 <= j < L for j in row) and row == sorted(row)
         assert set(range(n_sink)) <= set(row) and set(range(L - n_recent, L)) <= set(row)
         free = [j for j in range(n_sink, L - n_recent)]
         draft_pick = sorted(free, key=lambda j: -look[b, j])[:m]
@@ -45,6 +45,25 @@ def test_budget_split_per_sequence_m():
     for b in range(B):
         one = budget_split(hist[b:b + 1], look[b:b + 1], lens[b:b + 1], int(m[b]), budget=64, n_sink=4, n_recent=16)
         assert torch.equal(idx[b], one[0])
+
+
+def test_dustin_select_same_sets_through_triton_and_torch():
+    """The policy's budget split gives the same index set on the Triton path (its scratch row included)
+    as on the torch path."""
+    pytest.importorskip("triton")
+    target, draft, ids, lens, tokens = _verification_state()
+    pol = make_policy(SelectionConfig(policy="dustin", budget=64, m=20, n_recent=8, **HEADS))
+    pol.reset(target, draft, ids, lens)
+    with torch.no_grad():
+        cap = pol.draft_capture()
+        draft.decode(tokens[:, :1], capture=cap)
+        pol.observe_draft(draft, cap, torch.zeros(2, 1, dtype=torch.long))
+        sets = []
+        for backend in ("torch", "triton"):
+            target.attn_backend = backend
+            sets.append(pol.select(target, tokens).clone())
+    target.attn_backend = "auto"
+    assert torch.equal(sets[0], sets[1]) and int(pol._scratch.abs().sum()) == 0
 
 
 def test_streaming_indices():
@@ -194,6 +213,7 @@ def test_profiles_and_tuned_configs_round_trip_and_refuse_other_models(tmp_path)
 
 
 def test_trace_recorder_and_search_pick_layers_and_m():
+    pytest.importorskip("optuna")  # the tests extra installs it; a bare GPU box may lack it
     from dustin.selection.tuning import TraceRecorder, search
 
     target, draft = _pair()

@@ -54,9 +54,9 @@ class Candidates:
         B, rest = self.history.shape
         dev = self.history.device
         if isinstance(m, int):  # a fill, not a host-to-device copy, so a captured graph may hold it
-            m = torch.full((B, 1), m, device=dev, dtype=torch.long)
+            m = torch.full((B, 1), min(max(m, 0), rest), device=dev, dtype=torch.long)
         else:
-            m = m.long().expand(B)[:, None]
+            m = m.long().clamp(0, rest).expand(B)[:, None]
         slot = torch.arange(rest, device=dev).expand(B, -1)
         rank = torch.full((B, self.size), rest, device=dev, dtype=torch.long).scatter(1, self.lookahead, slot)
         keep = rank.gather(1, self.history) >= m  # not already taken as one of the top-m lookahead picks

@@ -108,6 +108,7 @@ class Dustin(Policy):
         dev = target.device
         self.s_T = torch.zeros(B, S, device=dev)
         self.s_D = torch.zeros(B, S, device=dev)
+        self._scratch = torch.zeros(B * S, dtype=torch.int8, device=dev)  # the Triton budget split's flags
         self._draft, self._look_q, self._look_start = draft, {}, torch.zeros(B, dtype=torch.long, device=dev)
         self.m = torch.full((B,), float(self.m0), device=dev)
         self.indices = torch.zeros(B, self.config.budget, dtype=torch.long, device=dev)
@@ -164,8 +165,9 @@ class Dustin(Policy):
         split = budget_split
         if attention.resolve_backend(target.attn_backend, target.device) == "triton":
             from .split_kernels import budget_split as split  # same sets, two launches around the top-k
+        kw = {"scratch": self._scratch} if split is not budget_split else {}
         self.indices.copy_(split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
-                                 n_sink=c.n_sink, n_recent=c.n_recent))
+                                 n_sink=c.n_sink, n_recent=c.n_recent, **kw))
         self.has_indices = True
         return self.indices
 

@@ -122,7 +122,10 @@ class TraceRecorder(Policy):
 def search(traces: Traces, *, budget: int, n_sink: int = 4, n_recent: int = 16, max_draft_layers: int = 3,
            trials: int = 40, seed: int = 0) -> dict:
     """Target layer, then draft layers (greedy), then `m` (Optuna). Returns the choices and their recoveries."""
-    import optuna
+    try:
+        import optuna
+    except ImportError as e:
+        raise DustinError("tuning the split m needs optuna: pip install 'dustin[eval]' (or optuna)") from e
 
     rest = budget - n_sink - n_recent
     kw = dict(budget=budget, n_sink=n_sink, n_recent=n_recent)
