@@ -127,9 +127,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # one GEMM, not two
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        """SiLU(gate) * up: the down projection's input."""
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up))
+        return fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up)
+
+    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        return self.down_proj(self.hidden(x, fused))
 
 
 class Block(nn.Module):
@@ -150,9 +154,7 @@ class Block(nn.Module):
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
         if step is not None and step.linear == "down":
-            mlp = self.mlp
-            return linear(fused_ops.silu_mul(mlp.gate_up_proj(h)), mlp.down_proj.weight, residual=residual,
-                          check=False), None
+            return linear(self.mlp.hidden(h, fused), self.mlp.down_proj.weight, residual=residual, check=False), None
         return residual, self.mlp(h, fused)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:

@@ -162,12 +162,14 @@ class Dustin(Policy):
             return None
         c = self.config
         self.score_lookahead()
-        split = budget_split
+        args = (self.s_T, self.s_D, target.seq_lens, self.m.round().long())
+        kw = dict(budget=c.budget, n_sink=c.n_sink, n_recent=c.n_recent)
         if attention.resolve_backend(target.attn_backend, target.device) == "triton":
-            from .split_kernels import budget_split as split  # same sets, two launches around the top-k
-        kw = {"scratch": self._scratch} if split is not budget_split else {}
-        self.indices.copy_(split(self.s_T, self.s_D, target.seq_lens, self.m.round().long(), budget=c.budget,
-                                 n_sink=c.n_sink, n_recent=c.n_recent, **kw))
+            from . import split_kernels  # the same sets, in two launches around the top-k
+
+            self.indices.copy_(split_kernels.budget_split(*args, **kw, scratch=self._scratch))
+        else:
+            self.indices.copy_(budget_split(*args, **kw))
         self.has_indices = True
         return self.indices
 
