@@ -8,6 +8,16 @@ from typing import Any
 
 from .errors import DustinError
 
+# how few-row decode passes (a draft's steps) run their linear layers: `Transformer.linear_backend`
+LINEAR_BACKENDS = {
+    "torch": "cuBLAS for every linear layer",
+    "down": "cuBLAS, but the down projection in the fused few-row kernel with the residual add in its "
+            "epilogue (no split-K reduce launch)",
+    "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
+    "block": "each block of a sparse pass in one persistent launch (dustin.block); layers whose queries are "
+             "captured run as 'down'",
+}
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
@@ -203,7 +213,8 @@ class SpecConfig:
     cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
     draft_linear: str = "down"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
     # and its residual add in `dustin.linear`'s kernel: benchmarks/gpu/e2e.json) | triton (every one in the fused
-    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json)
+    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json) | block (each block of a
+    # sparse pass in one persistent launch, `dustin.block`)
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -220,8 +231,8 @@ class SpecConfig:
             raise DustinError(f"draft_kv must be auto, full, streaming or selected, got {self.draft_kv!r}")
         if self.draft_kv == "selected" and self.method != "dustin":
             raise DustinError("draft_kv='selected' reads the verification index set, so it needs method='dustin'")
-        if self.draft_linear not in ("torch", "down", "triton"):
-            raise DustinError(f"draft_linear must be torch, down or triton, got {self.draft_linear!r}")
+        if self.draft_linear not in LINEAR_BACKENDS:
+            raise DustinError(f"draft_linear must be one of {', '.join(LINEAR_BACKENDS)}, got {self.draft_linear!r}")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
 

@@ -37,6 +37,8 @@ METHODS = {
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
     "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
+    "dustin+draft-selected+block-draft": dict(method="dustin", draft_kv="selected", draft_linear="block"),
+    "magicdec+block-draft": dict(method="magicdec", draft_linear="block"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
 }
 SLACK = 64
