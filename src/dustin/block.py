@@ -89,16 +89,16 @@ def block_reference(x: torch.Tensor, w: BlockWeights, k_cache: torch.Tensor, v_c
 if triton is not None:
 
     @triton.jit
-    def _gemm_phase(pid, n_prog, X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps,
+    def _gemm_phase(pid, n_prog, X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, n_per, k_per, eps,
                     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         """`out = [res +] epilogue(rmsnorm(x) @ W^T [+ bias])` over contiguous rows, as `dustin.linear`."""
-        tiles_n = tl.cdiv(N, BLOCK_N)
+        tiles_n = tl.cdiv(N, n_per)
         per_m = tiles_n * SPLITS
         for item in range(pid, per_m * tl.cdiv(M, BLOCK_M), n_prog):
             r = item % per_m
-            linear_tile(r % tiles_n, r // tiles_n, item // per_m, tiles_n, X, W, Bias, NormW, Res, Out, PartAcc,
+            linear_tile(r % tiles_n, r // tiles_n, item // per_m, tiles_n, n_per, X, W, Bias, NormW, Res, Out, PartAcc,
                         PartSs, Counter, M, N, K, k_per, eps, K, K, N, N, NORM, SILU, RESIDUAL, HAS_BIAS,
                         BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, EVEN_K, PRECISION)
 
@@ -116,7 +116,8 @@ if triton is not None:
     def _block_kernel(X, Ln1, Wqkv, Bqkv, Wo, Bo, Ln2, Wgu, Wd, Qkv, Attn, H, Act, Out,
                       Kc, Vc, SeqLens, Idx, Cos, Sin, Pos, PartO, PartLse, AttnCounter,
                       PartAcc, PartSs, LinCounter, Bar,
-                      M, n_kv_heads, n_budget, n_cache, eps, scale, kp_qkv, kp_o, kp_gu, kp_d,
+                      M, n_kv_heads, n_budget, n_cache, eps, scale,
+                      np_qkv, kp_qkv, np_o, kp_o, np_gu, kp_gu, np_d, kp_d,
                       s_kb, s_kh, s_ks, s_ib, s_ih, s_cb, s_ct,
                       DIM: tl.constexpr, N_QKV: tl.constexpr, INTER: tl.constexpr, QKV_BIAS: tl.constexpr,
                       O_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -130,18 +131,18 @@ if triton is not None:
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
         m_tiles = tl.cdiv(M, BLOCK_M)
+        hq = G * n_kv_heads
         # split-K semaphores, one region per linear phase
-        c_o = LinCounter + tl.cdiv(N_QKV, QKV_BN) * m_tiles
-        c_gu = c_o + tl.cdiv(DIM, O_BN) * m_tiles
-        c_d = c_gu + tl.cdiv(INTER, GU_BN) * m_tiles
+        c_o = LinCounter + tl.cdiv(N_QKV, np_qkv) * m_tiles
+        c_gu = c_o + tl.cdiv(DIM, np_o) * m_tiles
+        c_d = c_gu + tl.cdiv(INTER, np_gu) * m_tiles
         if FIRST <= 0 and LAST >= 0:
             _gemm_phase(pid, n_prog, X, Wqkv, Bqkv, Ln1, X, Qkv, PartAcc, PartSs, LinCounter, M, N_QKV, DIM,
-                        kp_qkv, eps, True, False, False, QKV_BIAS, BLOCK_M, QKV_BN, QKV_BK, QKV_S, QKV_EVEN,
-                        PRECISION)
+                        np_qkv, kp_qkv, eps, True, False, False, QKV_BIAS, BLOCK_M, QKV_BN, QKV_BK, QKV_S,
+                        QKV_EVEN, PRECISION)
         if FIRST <= 0 and LAST >= 1:
             _grid_sync(Bar, (1 - FIRST) * n_prog)
         if FIRST <= 1 and LAST >= 1:
-            hq = G * n_kv_heads
             for item in range(pid, (M // T) * n_kv_heads * ATT_S, n_prog):
                 attn_program(item // ATT_S, item % ATT_S, Qkv, Kc, Vc, SeqLens, Idx, Attn, PartO, PartLse,
                              AttnCounter, Cos, Sin, Pos, T * N_QKV, D, N_QKV, s_kb, s_kh, s_ks, s_kb, s_kh, s_ks,
@@ -150,17 +151,17 @@ if triton is not None:
         if FIRST <= 1 and LAST >= 2:
             _grid_sync(Bar, (2 - FIRST) * n_prog)
         if FIRST <= 2 and LAST >= 2:
-            _gemm_phase(pid, n_prog, Attn, Wo, Bo, Wo, X, H, PartAcc, PartSs, c_o, M, DIM, N_QKV - 2 * n_kv_heads * D,
-                        kp_o, eps, False, False, True, O_BIAS, BLOCK_M, O_BN, O_BK, O_S, O_EVEN, PRECISION)
+            _gemm_phase(pid, n_prog, Attn, Wo, Bo, Wo, X, H, PartAcc, PartSs, c_o, M, DIM, hq * D, np_o, kp_o, eps,
+                        False, False, True, O_BIAS, BLOCK_M, O_BN, O_BK, O_S, O_EVEN, PRECISION)
         if FIRST <= 2 and LAST >= 3:
             _grid_sync(Bar, (3 - FIRST) * n_prog)
         if FIRST <= 3 and LAST >= 3:
-            _gemm_phase(pid, n_prog, H, Wgu, Wgu, Ln2, H, Act, PartAcc, PartSs, c_gu, M, INTER, DIM, kp_gu, eps,
-                        True, True, False, False, BLOCK_M, GU_BN, GU_BK, GU_S, GU_EVEN, PRECISION)
+            _gemm_phase(pid, n_prog, H, Wgu, Wgu, Ln2, H, Act, PartAcc, PartSs, c_gu, M, INTER, DIM, np_gu, kp_gu,
+                        eps, True, True, False, False, BLOCK_M, GU_BN, GU_BK, GU_S, GU_EVEN, PRECISION)
         if FIRST <= 3 and LAST >= 4:
             _grid_sync(Bar, (4 - FIRST) * n_prog)
         if FIRST <= 4 and LAST >= 4:
-            _gemm_phase(pid, n_prog, Act, Wd, Wd, Wd, H, Out, PartAcc, PartSs, c_d, M, DIM, INTER, kp_d, eps,
+            _gemm_phase(pid, n_prog, Act, Wd, Wd, Wd, H, Out, PartAcc, PartSs, c_d, M, DIM, INTER, np_d, kp_d, eps,
                         False, False, True, False, BLOCK_M, D_BN, D_BK, D_S, D_EVEN, PRECISION)
         if FIRST < LAST:
             # the last program out resets the barrier for the next launch: everyone has passed every wait
@@ -211,11 +212,39 @@ def _check(x, w, k_cache, v_cache, seq_lens, indices, cos, sin, positions) -> No
         raise DustinError(f"positions and seq_lens + {T} new tokens must lie in the cache's [0, {S})")
 
 
-def _gemm_plan(n: int, k: int, m_tiles: int, device: torch.device) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_K, splits, K per split, K divisible by BLOCK_K) of one linear phase."""
-    bn, bk, splits = plan(n, k, m_tiles, device)
-    k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    return bn, bk, triton.cdiv(k, k_per), k_per, k % bk == 0
+@dataclass(frozen=True)
+class _Gemm:
+    """How a persistent grid shares one linear phase: each program takes one tile of `n_per` columns (its
+    block padded to `block_n`) by `k_per` of K, so that one round of the grid reads the whole weight."""
+
+    n: int
+    n_per: int
+    block_n: int
+    block_k: int
+    splits: int
+    k_per: int
+    even_k: bool
+
+    @property
+    def tiles(self) -> int:
+        return triton.cdiv(self.n, self.n_per)
+
+
+def _gemm_plan(n: int, k: int, m_tiles: int, programs: int, silu: bool) -> _Gemm:
+    """The fullest padded tile (to a tenth, at most 128 columns), then the fewest splits of K; every
+    option gives each program about the same weight bytes. Depth blocks hold about 32 KB of weight, so
+    a program keeps enough loads in flight, and divide K where they can (a ragged K masks every load)."""
+    options = []
+    for splits in (1, 2, 4, 8):
+        n_per = triton.cdiv(n, max(1, programs // (splits * m_tiles)))
+        block_n = max(16, triton.next_power_of_2(n_per))
+        if block_n <= 128 or splits == 1:
+            options.append((-round(n_per / block_n, 1), splits, n_per, block_n))
+    _, splits, n_per, block_n = min(options)
+    target = max(32, min(512, 32768 // (block_n * 2 * (2 if silu else 1))))
+    block_k = next((b for b in (512, 256, 128, 64, 32) if b <= target and k % b == 0), target)
+    k_per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    return _Gemm(n, n_per, block_n, block_k, triton.cdiv(k, k_per), k_per, k % block_k == 0)
 
 
 def fused_block(x: torch.Tensor, w: BlockWeights, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -234,18 +263,21 @@ def fused_block(x: torch.Tensor, w: BlockWeights, k_cache: torch.Tensor, v_cache
     M, inter, n_qkv = B * T, w.down.shape[1], w.qkv.shape[0]
     G = w.n_heads // Hkv
     dev = x.device
+    programs = programs or _sm_count(dev)
     block_m = max(16, triton.next_power_of_2(M))
     m_tiles = triton.cdiv(M, block_m)
-    gemms = [_gemm_plan(n, k, m_tiles, dev) for n, k in ((n_qkv, dim), (dim, w.n_heads * D), (inter, dim), (dim, inter))]
+    gemms = [_gemm_plan(n, k, m_tiles, programs, silu) for n, k, silu in
+             ((n_qkv, dim, False), (dim, w.n_heads * D, False), (inter, dim, True), (dim, inter, False))]
     units = B * Hkv
     att_bm = max(16, triton.next_power_of_2(G * T))
     idx = indices if indices.dim() == 3 else indices[:, None]
     n_budget = idx.shape[-1]
-    att_splits = plan_sparse_splits(units, att_bm, n_budget, 64, dev)
+    # one round of the grid: a program's second item would wait for its first one's loads
+    att_splits = max(1, min(programs // units, n_budget // 64, 32))
 
-    tiles = [triton.cdiv(n, g[0]) * m_tiles for n, g in zip((n_qkv, dim, inter, dim), gemms)]
-    part_acc = max(t * g[2] * 2 * block_m * g[0] for t, g in zip(tiles, gemms))
-    part_ss = max(t * g[2] * block_m for t, g in zip(tiles, gemms))
+    tiles = [g.tiles * m_tiles for g in gemms]
+    part_acc = max(t * g.splits * 2 * block_m * g.block_n for t, g in zip(tiles, gemms))
+    part_ss = max(t * g.splits * block_m for t, g in zip(tiles, gemms))
     f32 = dict(device=dev, dtype=torch.float32)
     part_acc, part_ss = torch.empty(part_acc, **f32), torch.empty(part_ss, **f32)
     part_o = torch.empty(units * att_splits * att_bm, D, **f32)
@@ -260,19 +292,18 @@ def fused_block(x: torch.Tensor, w: BlockWeights, k_cache: torch.Tensor, v_cache
     out = torch.empty_like(x)
     if one_launch is None:
         one_launch = dev.type == "cuda"
-    grid = (programs or _sm_count(dev),)
     args = (x, w.ln1, w.qkv, w.qkv_bias if w.qkv_bias is not None else w.qkv, w.o,
             w.o_bias if w.o_bias is not None else w.o, w.ln2, w.gate_up, w.down, qkv, attn, h, act, out,
             k_cache, v_cache, seq_lens, idx, cos, sin, positions, part_o, part_lse, att_counter,
             part_acc, part_ss, lin_counter, bar,
-            M, Hkv, n_budget, S, w.eps, LOG2E / math.sqrt(D), *(g[3] for g in gemms),
+            M, Hkv, n_budget, S, w.eps, LOG2E / math.sqrt(D), *(v for g in gemms for v in (g.n_per, g.k_per)),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), idx.stride(0),
             idx.stride(1) if idx.shape[1] > 1 else 0, cos.stride(0), cos.stride(1))
     meta = dict(DIM=dim, N_QKV=n_qkv, INTER=inter, QKV_BIAS=w.qkv_bias is not None, O_BIAS=w.o_bias is not None,
                 BLOCK_M=block_m, T=T, G=G, D=D, ATT_BM=att_bm, ATT_BN=64, ATT_BT=max(16, triton.next_power_of_2(T)),
                 ATT_S=att_splits, PRECISION=dot_precision(x.dtype), num_warps=num_warps, num_stages=num_stages)
     for name, g in zip(("QKV", "O", "GU", "D"), gemms):
-        meta.update({f"{name}_BN": g[0], f"{name}_BK": g[1], f"{name}_S": g[2], f"{name}_EVEN": g[4]})
+        meta.update({f"{name}_BN": g.block_n, f"{name}_BK": g.block_k, f"{name}_S": g.splits, f"{name}_EVEN": g.even_k})
     for first, last in [(0, PHASES - 1)] if one_launch else [(p, p) for p in range(PHASES)]:
-        _block_kernel[grid](*args, FIRST=first, LAST=last, **meta)
+        _block_kernel[(programs,)](*args, FIRST=first, LAST=last, **meta)
     return out

@@ -59,22 +59,23 @@ if triton is not None:
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-        linear_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), X, W, Bias, NormW,
-                    Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps, s_xm, s_wn, s_rm, s_om,
+        linear_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), BLOCK_N, X, W, Bias,
+                    NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps, s_xm, s_wn, s_rm, s_om,
                     NORM, SILU, RESIDUAL, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, EVEN_K, PRECISION)
 
     @triton.jit
-    def linear_tile(pid_n, split, pid_m, n_tiles_n, X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter,
+    def linear_tile(pid_n, split, pid_m, n_tiles_n, n_per, X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter,
                     M, N, K, k_per, eps, s_xm, s_wn, s_rm, s_om,
                     NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
         """Output tile (`pid_m`, `pid_n`) of `n_tiles_n` across, split `split` of K: the body of
-        `_linear_kernel`, callable from a persistent kernel (`dustin.layer`)."""
+        `_linear_kernel`, callable from a persistent kernel (`dustin.block`). A tile holds `n_per <= BLOCK_N`
+        columns, so that a persistent grid can give each program an equal share of an awkward N."""
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_n * n_per + tl.arange(0, BLOCK_N)
         row_ok = rows < M
-        col_ok = cols < N
+        col_ok = (tl.arange(0, BLOCK_N) < n_per) & (cols < N)
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)

@@ -87,7 +87,7 @@ def attn_program(pid, split, Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
                  FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
     """Program unit `pid` (one sequence, KV head and group of GP query heads of it), split `split` of its
-    keys: the body of `_attn_kernel`, callable from a persistent kernel (`dustin.layer`)."""
+    keys: the body of `_attn_kernel`, callable from a persistent kernel (`dustin.block`)."""
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
