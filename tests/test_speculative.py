@@ -40,6 +40,13 @@ def test_greedy_mixed_batch():
     assert n.tolist() == [3, 2, 0, 3] and nxt.tolist() == [8, 0, 1, 7]
 
 
+def test_greedy_forced_takes_the_target_token_after_the_forced_count():
+    draft = torch.tensor([[1, 2, 3], [9, 9, 9]])
+    target = one_hot_logits([[1, 2, 3, 8], [1, 9, 9, 9]])
+    n, nxt = greedy_accept(draft, target, forced=torch.tensor([1, 3]))
+    assert n.tolist() == [1, 3] and nxt.tolist() == [2, 9]
+
+
 # --- speculative sampling reproduces the target distribution --------------------------------------
 @pytest.mark.parametrize("gamma", [1, 3])
 def test_speculative_sampling_matches_target_distribution(gamma):

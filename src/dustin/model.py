@@ -147,8 +147,14 @@ class Block(nn.Module):
             return self._one_launch(residual if delta is None else residual + delta, cos, sin, step), None
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
-        h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
-        if step is not None and step.linear in ("down", "block"):
+        if step is not None and step.linear == "residual":
+            attn = self.self_attn
+            out = attn.cached(attn.qkv_proj(h), cos, sin, step)
+            residual = linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual, check=False)
+            h, _ = self.post_attention_layernorm(residual, None, fused)
+        else:
+            h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
+        if step is not None and step.linear in ("down", "residual", "block"):
             return linear(self.mlp.hidden(h, fused), self.mlp.down_proj.weight, residual=residual, check=False), None
         return residual, self.mlp(h, fused)
 

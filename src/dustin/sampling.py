@@ -102,15 +102,16 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_accept(draft: torch.Tensor, target_logits: torch.Tensor, *,
+                  forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Longest prefix of drafts that match the target's argmax, then the target's own next token.
 
-    draft: `[B, gamma]`; target_logits: `[B, gamma + 1, V]`. Returns `n_accepted [B]` in `0..gamma` and
-    `next_token [B]`: the correction at the first mismatch, or the bonus token when all matched.
+    draft: `[B, gamma]`; target_logits: `[B, gamma + 1, V]`; forced: `[B]` benchmarks only: accept
+    exactly this many instead. Returns `n_accepted [B]` in `0..gamma` and `next_token [B]`: the
+    correction at the first mismatch, or the bonus token when all matched.
     """
     choice = argmax(target_logits)  # [B, gamma + 1]
-    match = (draft == choice[:, :-1]).long()
-    n = match.cumprod(1).sum(1)
+    n = (draft == choice[:, :-1]).long().cumprod(1).sum(1) if forced is None else forced
     return n, choice.gather(1, n[:, None]).squeeze(1)
 
 

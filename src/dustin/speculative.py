@@ -287,10 +287,8 @@ class Generator:
             with clock("verify"):
                 logits = self._verify(torch.cat([st.last[:, None], drafted], 1))
             with clock("accept"):
-                n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen)
-                if st.forced is not None:  # benchmarks: a given acceptance through the same path
-                    n_acc = st.forced
-                    nxt = argmax(logits[..., : self.vocab_size]).gather(1, n_acc[:, None]).squeeze(1)
+                # benchmarks force a given acceptance (st.forced) through the same path
+                n_acc, nxt = self._accept(drafted, q, logits[..., : self.vocab_size], gen, st.forced)
                 if self.policy is not None:
                     self.policy.observe_target(self.target, self._capture, n_acc, live)
                 self.target.commit((n_acc + 1) * live, check=False)
@@ -357,11 +355,14 @@ class Generator:
             x, at = tok[:, None], None
         return torch.stack(tokens, 1), (torch.stack(probs, 1) if probs else None)
 
-    def _accept(self, drafted, q, logits, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    def _accept(self, drafted, q, logits, gen, forced=None) -> tuple[torch.Tensor, torch.Tensor]:
         if q is None:
-            return greedy_accept(drafted, logits)
+            return greedy_accept(drafted, logits, forced=forced)
         p = probs_from_logits(logits, self.config.temperature, self.config.top_p)
-        return speculative_accept(drafted, q, p, gen)
+        n_acc, nxt = speculative_accept(drafted, q, p, gen)
+        if forced is not None:
+            return forced, argmax(logits).gather(1, forced[:, None]).squeeze(1)
+        return n_acc, nxt
 
     def _emit(self, st: "_State", out, reasons, stops, max_new, stats, on_tokens, base: torch.Tensor) -> None:
         """Hand each live sequence its accepted drafts and the target token, cut at a stop or the limit.
