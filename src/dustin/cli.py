@@ -465,8 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
     s.add_argument("--draft-linear", default="down", choices=list(LINEAR_BACKENDS),
                    help="the draft's linear layers: cuBLAS (torch), cuBLAS but the down projection in the fused "
-                        "few-row Triton kernel (down), all in the fused kernels (triton), or each block of a "
-                        "sparse pass in one persistent launch (block)")
+                        "few-row Triton kernel (down), or all in the fused kernels (triton)")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")

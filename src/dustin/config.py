@@ -13,11 +13,7 @@ LINEAR_BACKENDS = {
     "torch": "cuBLAS for every linear layer",
     "down": "cuBLAS, but the down projection in the fused few-row kernel with the residual add in its "
             "epilogue (no split-K reduce launch)",
-    "residual": "cuBLAS for qkv and gate/up; the o and down projections in the fused few-row kernel, each with "
-                "its residual add in the epilogue",
     "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
-    "block": "each block of a sparse pass in one persistent launch (dustin.block); layers whose queries are "
-             "captured run as 'down'",
 }
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
@@ -215,8 +211,7 @@ class SpecConfig:
     cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
     draft_linear: str = "down"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
     # and its residual add in `dustin.linear`'s kernel: benchmarks/gpu/e2e.json) | triton (every one in the fused
-    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json) | residual (o and down
-    # there) | block (each block of a sparse pass in one persistent launch, `dustin.block`): `LINEAR_BACKENDS`
+    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json): `LINEAR_BACKENDS`
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:

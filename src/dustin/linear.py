@@ -59,23 +59,13 @@ if triton is not None:
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
                        EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-        linear_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), BLOCK_N, X, W, Bias,
-                    NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps, s_xm, s_wn, s_rm, s_om,
-                    NORM, SILU, RESIDUAL, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLITS, EVEN_K, PRECISION)
-
-    @triton.jit
-    def linear_tile(pid_n, split, pid_m, n_tiles_n, n_per, X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter,
-                    M, N, K, k_per, eps, s_xm, s_wn, s_rm, s_om,
-                    NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                    EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-        """Output tile (`pid_m`, `pid_n`) of `n_tiles_n` across, split `split` of K: the body of
-        `_linear_kernel`, callable from a persistent kernel (`dustin.block`). A tile holds `n_per <= BLOCK_N`
-        columns, so that a persistent grid can give each program an equal share of an awkward N."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        pid_m = tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * n_per + tl.arange(0, BLOCK_N)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
-        col_ok = (tl.arange(0, BLOCK_N) < n_per) & (cols < N)
+        col_ok = cols < N
         kk = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -103,7 +93,7 @@ if triton is not None:
                 acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         if SPLITS > 1:
             # split-K: park the partial sums; the last split of this tile to finish adds them up
-            tile = pid_m * n_tiles_n + pid_n
+            tile = pid_m * tl.num_programs(0) + pid_n
             tm = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             base = (tile * SPLITS + split) * BLOCK_M * BLOCK_N
             tl.store(PartAcc + 2 * base + tm, acc)

@@ -17,7 +17,6 @@ from torch import nn
 
 from . import fused as fused_ops
 from .attention import attend, attend_rope, resolve_backend
-from .block import BlockWeights, fused_block
 from .cache import KVCache, available_memory, estimate_memory
 from .config import LINEAR_BACKENDS, ModelArgs
 from .errors import DustinError
@@ -143,18 +142,10 @@ class Block(nn.Module):
         each residual add rides in the next RMSNorm's kernel."""
         if step is not None and step.linear == "triton":
             return self._small(residual if delta is None else residual + delta, cos, sin, step), None
-        if step is not None and step.linear == "block" and step.one_launch(self.self_attn.layer):
-            return self._one_launch(residual if delta is None else residual + delta, cos, sin, step), None
         fused = step is not None and step.fused
         h, residual = self.input_layernorm(residual, delta, fused)
-        if step is not None and step.linear == "residual":
-            attn = self.self_attn
-            out = attn.cached(attn.qkv_proj(h), cos, sin, step)
-            residual = linear(out, attn.o_proj.weight, attn.o_proj.bias, residual=residual, check=False)
-            h, _ = self.post_attention_layernorm(residual, None, fused)
-        else:
-            h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
-        if step is not None and step.linear in ("down", "residual", "block"):
+        h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
+        if step is not None and step.linear == "down":
             return linear(self.mlp.hidden(h, fused), self.mlp.down_proj.weight, residual=residual, check=False), None
         return residual, self.mlp(h, fused)
 
@@ -170,16 +161,6 @@ class Block(nn.Module):
         return linear(act, mlp.down_proj.weight, residual=h, check=False)
 
 
-    def _one_launch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
-        attn, mlp, layer = self.self_attn, self.mlp, self.self_attn.layer
-        w = BlockWeights(ln1=self.input_layernorm.weight, qkv=attn.qkv_proj.weight, qkv_bias=attn.qkv_proj.bias,
-                         o=attn.o_proj.weight, o_bias=attn.o_proj.bias, ln2=self.post_attention_layernorm.weight,
-                         gate_up=mlp.gate_up_proj.weight, down=mlp.down_proj.weight, eps=self.input_layernorm.eps,
-                         n_heads=attn.n_heads)
-        return fused_block(x, w, step.cache.k[layer], step.cache.v[layer], step.cache.seq_lens, step.indices,
-                           cos[:, 0], sin[:, 0], step.positions, check=False)
-
-
 @dataclass
 class _Step:
     """What one cached pass hands every layer."""
@@ -192,10 +173,6 @@ class _Step:
     fused: bool  # the fused Triton layer ops (CUDA with the triton backend)
     linear: str  # the linear backend this pass uses: "torch" unless a few-row fused pass (`LINEAR_BACKENDS`)
     head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
-
-    def one_launch(self, layer: int) -> bool:
-        """Whether `layer` can run as one persistent launch: an index set, and nobody needs its queries."""
-        return torch.is_tensor(self.indices) and (self.capture is None or layer not in self.capture.heads)
 
 
 class Transformer(nn.Module):

@@ -73,21 +73,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
                  FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
-    attn_program(tl.program_id(0), tl.program_id(1), Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin,
-                 Pos, s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot, s_cb, s_ct,
-                 n_kv_heads, n_budget, n_cache, scale, T, G, GP, D, BLOCK_M, BLOCK_N, BLOCK_T, N_SPLITS, SPARSE,
-                 FUSE_COMBINE, PREFETCH, ROPE, PRECISION)
-
-
-@triton.jit
-def attn_program(pid, split, Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, Pos,
-                 s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, s_ih, s_ob, s_oh, s_ot, s_cb, s_ct,
-                 n_kv_heads, n_budget, n_cache, scale,
-                 T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
-                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Program unit `pid` (one sequence, KV head and group of GP query heads of it), split `split` of its
-    keys: the body of `_attn_kernel`, callable from a persistent kernel (`dustin.block`)."""
+    pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
+    split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)

@@ -37,9 +37,6 @@ METHODS = {
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
     "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
-    "dustin+draft-selected+block-draft": dict(method="dustin", draft_kv="selected", draft_linear="block"),
-    "dustin+draft-selected+residual-draft": dict(method="dustin", draft_kv="selected", draft_linear="residual"),
-    "magicdec+residual-draft": dict(method="magicdec", draft_linear="residual"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
 }
 SLACK = 64
