@@ -51,13 +51,14 @@ def test_dustin_select_same_sets_through_triton_and_torch():
     """The policy's budget split gives the same index set on the Triton path (its scratch row included)
     as on the torch path."""
     pytest.importorskip("triton")
-    target, draft, ids, lens, tokens = _verification_state()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on the CPU
+    target, draft, ids, lens, tokens = _verification_state(dev)
     pol = make_policy(SelectionConfig(policy="dustin", budget=64, m=20, n_recent=8, **HEADS))
     pol.reset(target, draft, ids, lens)
     with torch.no_grad():
         cap = pol.draft_capture()
         draft.decode(tokens[:, :1], capture=cap)
-        pol.observe_draft(draft, cap, torch.zeros(2, 1, dtype=torch.long))
+        pol.observe_draft(draft, cap, torch.zeros(2, 1, dtype=torch.long, device=dev))
         sets = []
         for backend in ("torch", "triton"):
             target.attn_backend = backend
@@ -104,17 +105,17 @@ def test_sparse_read_of_every_entry_equals_dense():
     assert rel_err(sparse, dense) < 1e-5
 
 
-def _verification_state():
-    target, draft = _pair()
+def _verification_state(device="cpu"):
+    target, draft = (m.to(device) for m in _pair())
     target.setup_cache(2, 400)
     draft.setup_cache(2, 400)
     torch.manual_seed(2)
-    ids = torch.randint(0, 64, (2, 300))
-    lens = torch.tensor([300, 260])
+    ids = torch.randint(0, 64, (2, 300)).to(device)
+    lens = torch.tensor([300, 260], device=device)
     with torch.no_grad():
         target.prefill(ids, lens)
         draft.prefill(ids, lens)
-    tokens = torch.randint(0, 64, (2, 5))
+    tokens = torch.randint(0, 64, (2, 5)).to(device)
     return target, draft, ids, lens, tokens
 
 
