@@ -24,18 +24,16 @@ def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
     return [h // model.args.group_size for h in heads]
 
 
-def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None, *,
-                sum_queries: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers
-    (`[B, S]`, summed over the queries too, with `sum_queries`); added into `out` when given.
+def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers.
 
     Query `t` sees positions `<= seq_lens[b] + t` (default: the model's committed lengths)."""
-    total = out
+    total = None
     backend = attention.resolve_backend(model.attn_backend, model.device)
     lens = model.seq_lens if seq_lens is None else seq_lens
     for layer, q in capture.q.items():  # the later layers add into the first one's scores
         total = attention.score(q, model.cache.k[layer], lens, kv_heads_of(model, capture.heads[layer]),
-                                backend=backend, sum_queries=sum_queries, out=total)
+                                backend=backend, out=total)
     return total
 
 
@@ -150,14 +148,10 @@ class Dustin(Policy):
         if not self._look_q:
             return
         q = {layer: torch.cat(qs, 2) if len(qs) > 1 else qs[0] for layer, qs in self._look_q.items()}
-        capture = QueryCapture(self._draft_capture.heads, q)
-        self.s_D.zero_()
-        if self._draft.cache.k.shape[3] == self.s_D.shape[1]:  # the layers add straight into s_D
-            score_heads(self._draft, capture, self._look_start, sum_queries=True, out=self.s_D)
-        else:
-            scores = score_heads(self._draft, capture, self._look_start, sum_queries=True)
-            n = min(scores.shape[1], self.s_D.shape[1])
-            self.s_D[:, :n] = scores[:, :n]
+        scores = score_heads(self._draft, QueryCapture(self._draft_capture.heads, q), self._look_start).sum(1)
+        n = min(scores.shape[1], self.s_D.shape[1])
+        self.s_D[:, :n] = scores[:, :n]
+        self.s_D[:, n:].zero_()
 
     def target_capture(self):
         return self._target_capture
