@@ -52,7 +52,7 @@ def test_dustin_select_same_sets_through_triton_and_torch():
     as on the torch path."""
     pytest.importorskip("triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on the CPU
-    target, draft, ids, lens, tokens = _verification_state(dev)
+    target, draft, ids, lens, tokens = _verification_state(dev, dim=64)  # head dim 16: the kernels' smallest
     pol = make_policy(SelectionConfig(policy="dustin", budget=64, m=20, n_recent=8, **HEADS))
     pol.reset(target, draft, ids, lens)
     with torch.no_grad():
@@ -73,8 +73,8 @@ def test_streaming_indices():
     assert idx[1].tolist() == list(range(20))
 
 
-def _pair():
-    target = tiny_model(seed=0)
+def _pair(**overrides):
+    target = tiny_model(seed=0, **overrides)
     return target, perturbed_copy(target, 0.4)
 
 
@@ -105,8 +105,8 @@ def test_sparse_read_of_every_entry_equals_dense():
     assert rel_err(sparse, dense) < 1e-5
 
 
-def _verification_state(device="cpu"):
-    target, draft = (m.to(device) for m in _pair())
+def _verification_state(device="cpu", **overrides):
+    target, draft = (m.to(device) for m in _pair(**overrides))
     target.setup_cache(2, 400)
     draft.setup_cache(2, 400)
     torch.manual_seed(2)
