@@ -159,3 +159,19 @@ def test_memory_estimate_and_refusal(tiny_qwen):
     model = load_model(str(path))
     with pytest.raises(DustinError, match=r"needs [\d.]+ GiB but only [\d.]+ GiB is free"):
         model.setup_cache(10**7, 512)
+
+
+def test_attention_backend_follows_the_kernels_head_dims():
+    """On CUDA the Triton kernels need head dims that are powers of two >= 16: 'auto' falls back to
+    torch for others and an explicit 'triton' is refused by name (the interpreter has no such limit)."""
+    pytest.importorskip("triton")
+    from dustin.attention import resolve_backend
+
+    cuda = torch.device("cuda")  # resolving needs no GPU
+    assert resolve_backend("auto", cuda, 64) == "triton"
+    assert resolve_backend("auto", cuda, 80) == "torch" and resolve_backend("auto", cuda, 8) == "torch"
+    with pytest.raises(DustinError, match="powers of two >= 16.*is 80"):
+        resolve_backend("triton", cuda, 80)
+    assert resolve_backend("triton", torch.device("cpu"), 8) == "triton"
+    with pytest.raises(DustinError, match="unknown attention backend"):
+        resolve_backend("flash", cuda, 64)

@@ -206,6 +206,11 @@ class Transformer(nn.Module):
         self._linear_backend = value
 
     @property
+    def attention_backend(self) -> str:
+        """`attn_backend` ("auto", "torch" or "triton") resolved for this model's device and head dim."""
+        return resolve_backend(self.attn_backend, self.device, self.args.head_dim)
+
+    @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
@@ -326,7 +331,7 @@ class Transformer(nn.Module):
         positions = cache.positions(T)
         if valid is not None:  # padding goes to the scratch slot, which the rope table also covers
             positions = torch.where(valid, positions, cache.max_len)
-        backend = resolve_backend(self.attn_backend, self.device)
+        backend = self.attention_backend
         fused = backend == "triton" and T <= 16
         linear_backend = self.linear_backend if fused and B * T <= MAX_ROWS else "torch"
         step = _Step(cache, positions, indices, capture, backend, fused, linear_backend, self._head_index)

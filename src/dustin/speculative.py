@@ -256,12 +256,10 @@ class Generator:
     def _graphs_ok(self) -> bool:
         """Capture the step in a CUDA graph: on CUDA, greedy, through the Triton kernels (the torch
         references sync with the host), with a policy that never syncs."""
-        from .attention import resolve_backend
-
         cfg = self.config
         models = (self.target,) if cfg.method == "ar" else (self.target, self.draft)
         return (cfg.cuda_graphs and self.target.device.type == "cuda" and cfg.temperature == 0
-                and cfg.gamma + 1 <= 16 and all(resolve_backend(m.attn_backend, m.device) == "triton" for m in models)
+                and cfg.gamma + 1 <= 16 and all(m.attention_backend == "triton" for m in models)
                 and (self.policy is None or self.policy.graph_safe))
 
     def _capture_step(self, st: "_State", gen) -> "torch.cuda.CUDAGraph":

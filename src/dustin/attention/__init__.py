@@ -12,11 +12,17 @@ from . import reference
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, head_dim: int | None = None) -> str:
+    """"auto" -> "triton" on CUDA when Triton imports and the kernels take `head_dim` (a power of two
+    >= 16: their products need 16-deep tiles on the GPU; the interpreter has no such limit), else "torch"."""
     if backend not in BACKENDS:
         raise DustinError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    kernels_fit = device.type != "cuda" or head_dim is None or (head_dim >= 16 and not head_dim & (head_dim - 1))
     if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_ready() else "torch"
+        return "triton" if device.type == "cuda" and kernels_fit and _triton_ready() else "torch"
+    if backend == "triton" and not kernels_fit:
+        raise DustinError(f"the Triton kernels take head dims that are powers of two >= 16, and this model's is "
+                          f"{head_dim}; use attn_backend='torch' (or 'auto')")
     return backend
 
 

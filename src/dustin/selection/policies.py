@@ -29,7 +29,7 @@ def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tenso
 
     Query `t` sees positions `<= seq_lens[b] + t` (default: the model's committed lengths)."""
     total = None
-    backend = attention.resolve_backend(model.attn_backend, model.device)
+    backend = model.attention_backend
     lens = model.seq_lens if seq_lens is None else seq_lens
     for layer, q in capture.q.items():  # the later layers add into the first one's scores
         total = attention.score(q, model.cache.k[layer], lens, kv_heads_of(model, capture.heads[layer]),
@@ -164,7 +164,7 @@ class Dustin(Policy):
         self.score_lookahead()
         args = (self.s_T, self.s_D, target.seq_lens, self.m.round().long())
         kw = dict(budget=c.budget, n_sink=c.n_sink, n_recent=c.n_recent)
-        if attention.resolve_backend(target.attn_backend, target.device) == "triton":
+        if target.attention_backend == "triton":
             from . import split_kernels  # the same sets, in two launches around the top-k
 
             self.indices.copy_(split_kernels.budget_split(*args, **kw, scratch=self._scratch))

@@ -65,7 +65,7 @@ class TraceRecorder(Policy):
 
     def _per_layer(self, model, capture) -> torch.Tensor:
         """`[n_layers, B, T, S]` scores of each captured layer's heads."""
-        backend = attention.resolve_backend(model.attn_backend, model.device)
+        backend = model.attention_backend
         return torch.stack([attention.score(q, model.cache.k[layer], model.seq_lens,
                                             kv_heads_of(model, capture.heads[layer]), backend=backend)
                             for layer, q in capture.q.items()])
