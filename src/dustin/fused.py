@@ -13,11 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs run the references
     triton = None
+else:
+    from .pdl import wait_for_inputs
 
 
 # --- references ------------------------------------------------------------------------------------
@@ -54,23 +58,27 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _add_rmsnorm_kernel(R, Dl, W, Out, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    def _add_rmsnorm_kernel(R, Dl, W, Out, eps, N: tl.constexpr, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
+                            PDL: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < N
+        w = tl.load(W + cols, mask=ok, other=0.0)  # a weight: safe to read before the wait
+        wait_for_inputs(PDL)
         r = tl.load(R + row * N + cols, mask=ok, other=0.0)
         if HAS_DELTA:
             r = (r.to(tl.float32) + tl.load(Dl + row * N + cols, mask=ok, other=0.0).to(tl.float32)).to(R.dtype.element_ty)
             tl.store(R + row * N + cols, r, mask=ok)
         h = r.to(tl.float32)
         h = h * tl.rsqrt(tl.sum(h * h, 0) / N + eps)
-        w = tl.load(W + cols, mask=ok, other=0.0)
         out = w.to(tl.float32) * h.to(R.dtype.element_ty).to(tl.float32)
         tl.store(Out + row * N + cols, out.to(Out.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _rope_write_kernel(QKV, Cos, Sin, Pos, Q, CK, CV, s_xb, s_xt, s_cb, s_ct, s_qb, s_qh, s_qt,
-                           s_kb, s_kh, s_ks, T, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                           s_kb, s_kh, s_ks, T, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                           PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         bt = tl.program_id(0)
         head = tl.program_id(1)  # 0..HQ-1: q, then HKV k heads, then HKV v heads
         b = bt // T
@@ -105,7 +113,8 @@ if triton is not None:
             tl.store(dst + D // 2 + half, y2.to(CK.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(X, Out, N, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(X, Out, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < N
@@ -122,7 +131,8 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
     rows = residual.numel() // N
     out = torch.empty_like(residual)
     _add_rmsnorm_kernel[(rows,)](residual, delta if delta is not None else residual, weight, out, eps, N=N,
-                                 BLOCK=triton.next_power_of_2(N), HAS_DELTA=delta is not None, num_warps=4)
+                                 BLOCK=triton.next_power_of_2(N), HAS_DELTA=delta is not None,
+                                 **pdl.options(residual.device), num_warps=4)
     return out, residual
 
 
@@ -140,7 +150,7 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     _rope_write_kernel[(B * T, n_heads + 2 * n_kv_heads)](
         qkv, cos, sin, positions.contiguous(), q, k_cache, v_cache, qkv.stride(0), qkv.stride(1), cos.stride(0),
         cos.stride(1), q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), T, HQ=n_heads, HKV=n_kv_heads, D=D, num_warps=1)
+        k_cache.stride(2), T, HQ=n_heads, HKV=n_kv_heads, D=D, **pdl.options(qkv.device), num_warps=1)
     return q
 
 
@@ -150,5 +160,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.numel() // (2 * N)
     out = torch.empty(*gate_up.shape[:-1], N, device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(N, block))](gate_up, out, N, BLOCK=block, **pdl.options(gate_up.device),
+                                                    num_warps=4)
     return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pdl
 from .errors import DustinError
 
 try:
@@ -33,6 +34,8 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs run the reference
     triton = None
+else:
+    from .pdl import wait_for_inputs
 
 MAX_ROWS = 64  # beyond this cuBLAS's tiling wins; the model routes larger passes there
 
@@ -58,7 +61,7 @@ if triton is not None:
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -71,25 +74,19 @@ if triton is not None:
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_M], tl.float32)
         k_lo = split * k_per
-        for k0 in range(k_lo, tl.minimum(k_lo + k_per, K), BLOCK_K):
-            # a mask along K would stop the loads from being vectorised: only a ragged K pays for one
-            if EVEN_K:
-                k_ok = kk < BLOCK_K
-                x_ok = row_ok[:, None]
-                w_ok = col_ok[:, None]
-            else:
-                k_ok = k0 + kk < K
-                x_ok = row_ok[:, None] & k_ok[None, :]
-                w_ok = col_ok[:, None] & k_ok[None, :]
-            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=x_ok, other=0.0)
-            if NORM:  # rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T): the RMS accumulates in the same pass
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, 1)
-                x = (xf * tl.load(NormW + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]).to(X.dtype.element_ty)
-            w = tl.load(W + cols[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
+        k_hi = tl.minimum(k_lo + k_per, K)
+        # no kernel writes the weights: the first tile loads while the kernel before this one finishes
+        w, w_up = _weight_tile(W, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K)
+        wait_for_inputs(PDL)
+        x, ss = _input_tile(X, NormW, rows, row_ok, k_lo, kk, K, s_xm, ss, NORM, EVEN_K)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if SILU:
+            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+        for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+            w, w_up = _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU, EVEN_K)
+            x, ss = _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM, EVEN_K)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
             if SILU:
-                w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
                 acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         if SPLITS > 1:
             # split-K: park the partial sums; the last split of this tile to finish adds them up
@@ -120,6 +117,41 @@ if triton is not None:
         else:
             _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
                       NORM, SILU, RESIDUAL, HAS_BIAS)
+
+    @triton.jit
+    def _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU: tl.constexpr, EVEN_K: tl.constexpr):
+        """Columns `cols` x depth `[k0, k0 + BLOCK_K)` of the weight, and of its up half with `SILU`."""
+        # a mask along K would stop the loads from being vectorised: only a ragged K pays for one
+        if EVEN_K:
+            w_ok = col_ok[:, None]
+        else:
+            w_ok = col_ok[:, None] & (k0 + kk < K)[None, :]
+        w = tl.load(W + cols[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
+        w_up = w
+        if SILU:
+            w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
+        return w, w_up
+
+    @triton.jit
+    def _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM: tl.constexpr, EVEN_K: tl.constexpr):
+        """Rows x depth `[k0, k0 + BLOCK_K)` of the input, times the norm weight with `NORM`; `ss` gains
+        the rows' sums of squares (rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T), so the RMS
+        accumulates in the same pass)."""
+        k_ok = k0 + kk < K
+        if EVEN_K:
+            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            if EVEN_K:
+                nw = tl.load(NormW + k0 + kk)
+            else:
+                nw = tl.load(NormW + k0 + kk, mask=k_ok, other=0.0)
+            x = (xf * nw.to(tl.float32)[None, :]).to(X.dtype.element_ty)
+        return x, ss
 
     @triton.jit
     def _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
@@ -205,6 +237,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
-        PRECISION=dot_precision(x.dtype),
+        PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
         num_warps=num_warps, num_stages=num_stages)
     return out

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pdl
 from ..errors import DustinError
+from ..pdl import wait_for_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -72,10 +74,12 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
-                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr):
+                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
+    wait_for_inputs(PDL)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
@@ -203,9 +207,10 @@ def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.
 @triton.jit
 def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
                     T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    N_SPLITS: tl.constexpr):
+                    N_SPLITS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
+    wait_for_inputs(PDL)
     _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
            T, D, BLOCK_M, N_SPLITS)
 
@@ -362,11 +367,12 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
-        PRECISION=dot_precision(q.dtype),
+        PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
-                                  T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, N_SPLITS=n_splits, num_warps=4)
+                                  T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, N_SPLITS=n_splits,
+                                  **pdl.options(q.device), num_warps=4)
     return out
 
 

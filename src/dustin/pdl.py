@@ -1,0 +1,67 @@
+"""Programmatic dependent launch (PDL) for the decode-path kernels, on Hopper and later GPUs.
+
+A few-row decode pass is a chain of short kernels, and each one costs about as much in launch and
+ramp-up as in bytes. Launched with PDL, a kernel is scheduled while the one before it is still
+running. It waits in `griddepcontrol.wait` until that kernel has finished and its writes are visible.
+Before the wait it may read what no kernel writes during decoding: the weights. So the next kernel's
+launch and its first weight tile overlap the tail of the one before.
+
+The contract, for every kernel that takes the `PDL` flag:
+- every program calls `wait_for_inputs(PDL)` unconditionally;
+- it calls it before any read of memory a kernel writes, and before any write.
+Then a kernel finishes only after the one before it. Anything older than the immediate predecessor
+is complete before a kernel is even scheduled. Kernels launched without PDL (cuBLAS, torch) wait for
+their predecessor as usual.
+
+    >>> _kernel[grid](..., **pdl.options(x.device))   # passes PDL= and launch_pdl= together
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import cuda as tl_cuda
+except ImportError:  # CPU-only installs never launch kernels
+    triton = None
+
+_enabled = os.environ.get("DUSTIN_PDL", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn PDL on or off for launches from now on (the default is on; `DUSTIN_PDL=0` starts it off).
+
+    A CUDA graph keeps the launches it captured: recapture after changing this."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def options(device: torch.device) -> dict:
+    """Launch options for a kernel with a `PDL` constexpr: on for CUDA devices of compute capability 9+
+    while enabled, off elsewhere (the CPU interpreter has no grid dependency control)."""
+    on = _enabled and device.type == "cuda" and _supported(device.index if device.index is not None
+                                                             else torch.cuda.current_device())
+    return {"PDL": on, "launch_pdl": on}
+
+
+if triton is not None:
+
+    @triton.jit
+    def wait_for_inputs(PDL: tl.constexpr):
+        """Block until the previous kernel's writes are visible, then let the next kernel be scheduled."""
+        if PDL:
+            tl_cuda.gdc_wait()
+            tl_cuda.gdc_launch_dependents()
