@@ -100,17 +100,17 @@ if triton is not None:
                 tl.store(PartSs + (tile * SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
             tl.debug_barrier()
             done = tl.atomic_add(Counter + tile, 1, sem="acq_rel", scope="gpu")
-            if done == SPLITS - 1:
+            if done == SPLITS - 1:  # ".cg": the parked sums come from L2, in loads that overlap
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 ss = tl.zeros([BLOCK_M], tl.float32)
                 for s in tl.static_range(SPLITS):
                     b = (tile * SPLITS + s) * BLOCK_M * BLOCK_N
-                    acc += tl.load(PartAcc + 2 * b + tm, volatile=True)
+                    acc += tl.load(PartAcc + 2 * b + tm, cache_modifier=".cg")
                     if SILU:
-                        acc_up += tl.load(PartAcc + 2 * b + BLOCK_M * BLOCK_N + tm, volatile=True)
+                        acc_up += tl.load(PartAcc + 2 * b + BLOCK_M * BLOCK_N + tm, cache_modifier=".cg")
                     if NORM:
-                        ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M), volatile=True)
+                        ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
                 _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
                           NORM, SILU, RESIDUAL, HAS_BIAS)
                 tl.atomic_xchg(Counter + tile, 0)  # ready for the next launch

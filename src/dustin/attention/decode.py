@@ -52,11 +52,12 @@ def _unit(pid, n_kv_heads, T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr):
 def _softmax_tile(q, k, visible, m_i, l_i, scale, PRECISION: tl.constexpr):
     """Online softmax over keys `k` (`[N, D]`): the tile's probabilities under the new running max, the
     factor that rescales what came before, and the new running max and sum."""
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    qk = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION), float("-inf"))
+    # the scale rides in the exponent's multiply-add (scale > 0, so it commutes with the max): one
+    # instruction less per score in a kernel that is bound by its instruction chain at small budgets
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(qk - m_safe[:, None])
+    p = tl.exp2(qk * scale - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -190,16 +191,18 @@ def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # ".cg" reads the other programs' partials from L2 (the acquire that let this program in orders
+    # them); unlike volatile loads they vectorise and overlap, where volatile ones ran one after another
     for s in tl.static_range(N_SPLITS):
-        m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True))
+        m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, cache_modifier=".cg"))
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     row_ok = rows < n_rows
     for s in tl.static_range(N_SPLITS):
-        w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, volatile=True) - m)
+        w = tl.exp2(tl.load(PartLse + base + s * BLOCK_M + rows, cache_modifier=".cg") - m)
         total += w
         acc += w[:, None] * tl.load(PartO + (base + s * BLOCK_M + rows)[:, None] * D + d[None, :],
-                                    mask=row_ok[:, None], other=0.0, volatile=True)
+                                    mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
     o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + (rows % T)[:, None] * s_ot + d[None, :]
     tl.store(o_ptr, (acc / total[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
 
