@@ -106,18 +106,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
         if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
             first = lo + tl.arange(0, BLOCK_N)
             idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
-        for start in range(lo, hi, BLOCK_N):
-            offs = start + tl.arange(0, BLOCK_N)
-            if PREFETCH:
-                idx = idx_next
-                ahead = offs + BLOCK_N
-                idx_next = tl.load(idx_ptr + ahead, mask=ahead < hi, other=-1)
-            else:
-                idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
-            col_ok = (idx >= 0) & (idx < L)
-            k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
-            m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
+        # the new tokens first: their loads overlap the first positions' load instead of adding a
+        # latency after the last tile
         if split == N_SPLITS - 1:
             j = tl.arange(0, BLOCK_T)
             # padding rows of a ragged prefill chunk may reach past the cache: never read there
@@ -140,6 +130,18 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
             visible = new_ok[None, :] & (j[None, :] <= t[:, None])
             m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+        for start in range(lo, hi, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            if PREFETCH:
+                idx = idx_next
+                ahead = offs + BLOCK_N
+                idx_next = tl.load(idx_ptr + ahead, mask=ahead < hi, other=-1)
+            else:
+                idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
+            col_ok = (idx >= 0) & (idx < L)
+            k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
+            m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
     else:
         lo, hi = split_range(tl.minimum(L + T, n_cache), split, N_SPLITS, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):

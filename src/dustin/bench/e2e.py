@@ -19,6 +19,7 @@ import statistics
 
 import torch
 
+from .. import pdl
 from ..config import SelectionConfig, SpecConfig
 from ..loading import random_model
 from ..model import Transformer
@@ -38,6 +39,8 @@ METHODS = {
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
     "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
+    # the same step with every kernel launched the usual way (`dustin.pdl`), side by side
+    "dustin+draft-selected+no-pdl": dict(method="dustin", draft_kv="selected", pdl=False),
 }
 SLACK = 64
 
@@ -123,6 +126,21 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
                  profile: bool = False) -> dict:
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
+    use_pdl = spec.pop("pdl", True) and pdl.is_enabled()
+    was = pdl.is_enabled()
+    pdl.set_enabled(use_pdl)
+    try:
+        out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
+                     draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
+    finally:
+        pdl.set_enabled(was)
+    out["pdl"] = use_pdl and target.device.type == "cuda" and pdl.options(target.device)["PDL"]
+    return out
+
+
+def _bench(spec: dict, adaptive: bool, target: Transformer, draft: Transformer, *, batch: int, context: int,
+           gamma: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
+           profile: bool) -> dict:
     cfg = SpecConfig(gamma=gamma, max_len=context + SLACK, draft_budget=draft_budget, **spec)
     policy = None
     if cfg.method == "dustin":
