@@ -1,0 +1,66 @@
+"""Programmatic dependent launch: when it is on, and that a chain of kernels launched with it in a CUDA
+graph still computes what the references do."""
+import pytest
+import torch
+
+from conftest import rel_err
+
+pytest.importorskip("triton")
+from dustin import pdl  # noqa: E402
+from dustin.bench.e2e import METHODS  # noqa: E402
+from dustin.config import SpecConfig  # noqa: E402
+from dustin.fused import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
+from dustin.linear import linear, linear_reference  # noqa: E402
+
+
+@pytest.fixture
+def restore_pdl():
+    was = pdl.is_enabled()
+    yield
+    pdl.set_enabled(was)
+
+
+def test_pdl_is_off_on_the_cpu_and_when_disabled(restore_pdl):
+    pdl.set_enabled(True)
+    assert pdl.options(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    pdl.set_enabled(False)
+    assert not pdl.is_enabled()
+    if torch.cuda.is_available():
+        assert pdl.options(torch.device("cuda")) == {"PDL": False, "launch_pdl": False}
+
+
+def test_no_pdl_bench_variant_is_the_default_step_with_plain_launches():
+    spec = dict(METHODS["dustin+draft-selected+no-pdl"])
+    assert spec.pop("pdl") is False
+    assert spec == METHODS["dustin+draft-selected"]
+    SpecConfig(**spec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a CUDA device")
+@pytest.mark.parametrize("on", [True, False])
+def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
+    """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows."""
+    pdl.set_enabled(on)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(16, 896, device=dev, dtype=dt, generator=g)
+    w1 = torch.randn(1152, 896, device=dev, dtype=dt, generator=g) / 30
+    w2 = torch.randn(896, 1152, device=dev, dtype=dt, generator=g) / 30
+    norm = torch.rand(896, device=dev, dtype=dt, generator=g) + 0.5
+
+    def chain(x):
+        h = linear(x, w1, norm_weight=norm, check=False)
+        y = linear(h, w2, residual=x, check=False)
+        out, _ = add_rmsnorm(y.clone(), x, norm, 1e-6)
+        return out
+
+    chain(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device=dev, dtype=dt, generator=g))
+        graph.replay()
+        expect = add_rmsnorm_reference(linear_reference(linear_reference(x, w1, norm_weight=norm), w2, residual=x),
+                                       x, norm, 1e-6)[0]
+        assert rel_err(out, expect) < 2e-2
