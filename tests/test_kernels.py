@@ -71,8 +71,8 @@ def test_sparse_attention_matches_reference(shape, budget, per_head):
                                head_splits=hs)
         assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[dtype]
     # the merge semaphores are left at zero for the next launch
-    from dustin.attention.decode import _COUNTERS
-    assert all(int(c.abs().sum()) == 0 for c in _COUNTERS.values())
+    from dustin import scratch
+    assert all(int(c.abs().sum()) == 0 for c in scratch.live("semaphore"))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

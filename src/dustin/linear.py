@@ -100,7 +100,7 @@ if triton is not None:
                 tl.store(PartSs + (tile * SPLITS + split) * BLOCK_M + tl.arange(0, BLOCK_M), ss)
             tl.debug_barrier()
             done = tl.atomic_add(Counter + tile, 1, sem="acq_rel", scope="gpu")
-            if done == SPLITS - 1:  # ".cg": the parked sums come from L2, in loads that overlap
+            if done == SPLITS - 1:  # ".cg": the parked sums come from L2, after the acquire
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 ss = tl.zeros([BLOCK_M], tl.float32)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
+from .. import pdl, scratch
 from ..errors import DustinError
 from ..pdl import wait_for_inputs
 
@@ -193,8 +193,8 @@ def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.
     rows = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    # ".cg" reads the other programs' partials from L2 (the acquire that let this program in orders
-    # them); unlike volatile loads they vectorise and overlap, where volatile ones ran one after another
+    # ".cg" reads the other programs' partials from L2, ordered after the acquire that let this program
+    # in; plain (vectorised) loads, where volatile ones need not be
     for s in tl.static_range(N_SPLITS):
         m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, cache_modifier=".cg"))
     total = tl.zeros([BLOCK_M], tl.float32)
@@ -220,19 +220,10 @@ def _combine_kernel(PartO, PartLse, Out, s_ob, s_oh, s_ot, n_kv_heads,
            T, D, BLOCK_M, N_SPLITS)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown semaphores stay allocated: a live CUDA graph may still use them
-
-
 def semaphores(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed semaphores, one per program unit (or output tile, for `dustin.linear`), kept across launches
     (each launch leaves them zero)."""
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        if c is not None:
-            _RETIRED.append(c)
-        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return c
+    return scratch.zeros("semaphore", device, n, torch.int32)
 
 
 def _sm_count(device: torch.device) -> int:

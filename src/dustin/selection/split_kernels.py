@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
+from ..scratch import zeros as scratch_zeros
 
 FLOAT_MIN = torch.finfo(torch.float32).min
 
@@ -78,24 +79,6 @@ def _merge_kernel(Top, M, Lens, Flags, Out, B, S, rest, s_ob, budget,
     tl.store(out + j, tl.sort(row, 0), mask=j < budget)
 
 
-_FLAGS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # outgrown rows stay allocated: a live CUDA graph may still use them
-
-
-def _flags(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int8 scratch row per sequence, kept across launches (each launch leaves it zero)."""
-    f = _FLAGS.get(device)
-    if f is None or f.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # a zero fill recorded in a graph would not run before the first replay reads the row
-            raise DustinError("the budget split's scratch row must exist before CUDA-graph capture: run one "
-                              "step eagerly first, or pass scratch=")
-        if f is not None:
-            _RETIRED.append(f)
-        f = _FLAGS[device] = torch.zeros(n, dtype=torch.int8, device=device)
-    return f
-
-
 def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch.Tensor, m: torch.Tensor | int, *,
                  budget: int, n_sink: int, n_recent: int, scratch: torch.Tensor | None = None,
                  check: bool = True) -> torch.Tensor:
@@ -138,7 +121,7 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     # row b ranks the lookahead of sequence b, row B + b its history, as `Candidates.rank` stacks them
     top = scores.topk(rest, dim=1).indices
     out = torch.empty(B, budget, device=dev, dtype=torch.long)
-    flags = _flags(dev, B * S) if scratch is None else scratch
+    flags = scratch_zeros("budget split flag", dev, B * S, torch.int8) if scratch is None else scratch
     _merge_kernel[(B,)](top, m.contiguous(), seq_lens, flags, out, B, S, rest, out.stride(0), budget,
                         N_SINK=n_sink, N_RECENT=n_recent, RP=triton.next_power_of_2(rest),
                         SP=triton.next_power_of_2(max(n_sink, 1)), RECP=triton.next_power_of_2(max(n_recent, 1)),
