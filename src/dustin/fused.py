@@ -126,7 +126,8 @@ if triton is not None:
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused `add_rmsnorm_reference`; updates `residual` in place. residual, delta: contiguous `[..., dim]`."""
+    """Fused `add_rmsnorm_reference`; updates `residual` in place. residual, delta: contiguous `[..., dim]`.
+    Under PDL `weight` is read before the previous kernel has finished: it must not be that kernel's output."""
     N = residual.shape[-1]
     rows = residual.numel() // N
     out = torch.empty_like(residual)

@@ -79,15 +79,11 @@ if triton is not None:
         w, w_up = _weight_tile(W, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K)
         wait_for_inputs(PDL)
         x, ss = _input_tile(X, NormW, rows, row_ok, k_lo, kk, K, s_xm, ss, NORM, EVEN_K)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-        if SILU:
-            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+        acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, PRECISION)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w, w_up = _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU, EVEN_K)
             x, ss = _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM, EVEN_K)
-            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-            if SILU:
-                acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+            acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, PRECISION)
         if SPLITS > 1:
             # split-K: park the partial sums; the last split of this tile to finish adds them up
             tile = pid_m * tl.num_programs(0) + pid_n
@@ -133,23 +129,29 @@ if triton is not None:
         return w, w_up
 
     @triton.jit
+    def _mma(acc, acc_up, x, w, w_up, SILU: tl.constexpr, PRECISION: tl.constexpr):
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if SILU:
+            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+        return acc, acc_up
+
+    @triton.jit
     def _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM: tl.constexpr, EVEN_K: tl.constexpr):
         """Rows x depth `[k0, k0 + BLOCK_K)` of the input, times the norm weight with `NORM`; `ss` gains
         the rows' sums of squares (rmsnorm(x) @ W^T = rstd * ((x * norm_w) @ W^T), so the RMS
         accumulates in the same pass)."""
-        k_ok = k0 + kk < K
         if EVEN_K:
             x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None], other=0.0)
         else:
-            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+            x = tl.load(X + rows[:, None] * s_xm + (k0 + kk)[None, :],
+                        mask=row_ok[:, None] & (k0 + kk < K)[None, :], other=0.0)
         if NORM:
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             if EVEN_K:
                 nw = tl.load(NormW + k0 + kk)
             else:
-                nw = tl.load(NormW + k0 + kk, mask=k_ok, other=0.0)
+                nw = tl.load(NormW + k0 + kk, mask=k0 + kk < K, other=0.0)
             x = (xf * nw.to(tl.float32)[None, :]).to(X.dtype.element_ty)
         return x, ss
 
@@ -193,7 +195,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
            splits: int | None = None, num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
     """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
-    dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`."""
+    dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`.
+
+    Under PDL (`dustin.pdl`) the kernel reads its first weight tile before the previous kernel has
+    finished: `weight` must not be an output of the kernel launched just before (a parameter never is)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if silu else weight.shape[0]
     x2 = x.reshape(-1, K)

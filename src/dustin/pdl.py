@@ -46,15 +46,22 @@ def is_enabled() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+    """Compute capability 9+, compiled (the interpreter has no grid dependency control), by a Triton
+    that knows the launch option (3.4 and later)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(tl_cuda, "gdc_wait")
 
 
 def options(device: torch.device) -> dict:
-    """Launch options for a kernel with a `PDL` constexpr: on for CUDA devices of compute capability 9+
-    while enabled, off elsewhere (the CPU interpreter has no grid dependency control)."""
-    on = _enabled and device.type == "cuda" and _supported(device.index if device.index is not None
-                                                             else torch.cuda.current_device())
-    return {"PDL": on, "launch_pdl": on}
+    """Launch options for a kernel with a `PDL` constexpr: `PDL` and `launch_pdl` on where supported
+    while enabled; else `PDL` off alone (an older Triton refuses `launch_pdl` even when false)."""
+    if _enabled and triton is not None and device.type == "cuda" and _supported(
+            device.index if device.index is not None else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 if triton is not None:

@@ -43,8 +43,8 @@ if triton is not None:
             tl.debug_barrier()
             if tl.atomic_add(Counter + row, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
                 s = tl.arange(0, SPLITS)
-                pv = tl.load(PartV + row * SPLITS + s, volatile=True)
-                pi = tl.load(PartI + row * SPLITS + s, volatile=True)
+                pv = tl.load(PartV + row * SPLITS + s, cache_modifier=".cg")  # from L2, after the acquire
+                pi = tl.load(PartI + row * SPLITS + s, cache_modifier=".cg")
                 pnan = pv != pv
                 phit = tl.where(tl.max(pnan.to(tl.int32), 0) > 0, pnan, pv == tl.max(pv, 0))
                 tl.store(Out + row, tl.min(tl.where(phit, pi, 2147483647), 0).to(tl.int64))

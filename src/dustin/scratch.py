@@ -11,18 +11,24 @@ _BUFFERS: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown buffers stay allocated: a live CUDA graph may still use them
 
 
-def zeros(name: str, device: torch.device, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """At least `n` zeros of `dtype` on `device`, shared by every caller that asks for `name`."""
-    key = (name, torch.device(device), dtype)
+def zeros(name: str, device: torch.device | str, n: int, dtype: torch.dtype, *, hint: str = "") -> torch.Tensor:
+    """At least `n` zeros of `dtype` on `device`, shared by every caller that asks for `name`. `hint` ends
+    the error raised when the buffer would have to grow inside a CUDA-graph capture."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (name, device, dtype)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < n:
-        if key[1].type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # memory taken inside a capture belongs to that graph's pool: the buffer must predate it
             raise DustinError(f"the {name} scratch buffer must exist before CUDA-graph capture: run the same "
-                              "step once eagerly first")
+                              f"step once eagerly first{hint}")
         if buf is not None:
             _RETIRED.append(buf)
-        buf = _BUFFERS[key] = torch.zeros(max(n, 1024), dtype=dtype, device=device)
+        # doubling keeps the retired buffers few when sizes creep up
+        buf = _BUFFERS[key] = torch.zeros(max(n, 2 * buf.numel() if buf is not None else 0, 1024), dtype=dtype,
+                                          device=device)
     return buf
 
 

@@ -194,7 +194,7 @@ def _merge(PartO, PartLse, Out, base, b, head0, n_rows, s_ob, s_oh, s_ot, T: tl.
     d = tl.arange(0, D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     # ".cg" reads the other programs' partials from L2, ordered after the acquire that let this program
-    # in; plain (vectorised) loads, where volatile ones need not be
+    # in; unlike volatile loads they may vectorise
     for s in tl.static_range(N_SPLITS):
         m = tl.maximum(m, tl.load(PartLse + base + s * BLOCK_M + rows, cache_modifier=".cg"))
     total = tl.zeros([BLOCK_M], tl.float32)

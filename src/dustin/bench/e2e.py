@@ -126,15 +126,15 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
                  profile: bool = False) -> dict:
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
-    use_pdl = spec.pop("pdl", True) and pdl.is_enabled()
     was = pdl.is_enabled()
-    pdl.set_enabled(use_pdl)
+    pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
+        on = pdl.options(target.device)["PDL"]
         out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                      draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:
         pdl.set_enabled(was)
-    out["pdl"] = use_pdl and target.device.type == "cuda" and pdl.options(target.device)["PDL"]
+    out["pdl"] = on
     return out
 
 

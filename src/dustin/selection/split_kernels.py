@@ -121,7 +121,8 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     # row b ranks the lookahead of sequence b, row B + b its history, as `Candidates.rank` stacks them
     top = scores.topk(rest, dim=1).indices
     out = torch.empty(B, budget, device=dev, dtype=torch.long)
-    flags = scratch_zeros("budget split flag", dev, B * S, torch.int8) if scratch is None else scratch
+    flags = (scratch_zeros("budget split flag", dev, B * S, torch.int8, hint=", or pass scratch=")
+             if scratch is None else scratch)
     _merge_kernel[(B,)](top, m.contiguous(), seq_lens, flags, out, B, S, rest, out.stride(0), budget,
                         N_SINK=n_sink, N_RECENT=n_recent, RP=triton.next_power_of_2(rest),
                         SP=triton.next_power_of_2(max(n_sink, 1)), RECP=triton.next_power_of_2(max(n_recent, 1)),
