@@ -106,7 +106,8 @@ if triton is not None:
                     if SILU:
                         acc_up += tl.load(PartAcc + 2 * b + BLOCK_M * BLOCK_N + tm, cache_modifier=".cg")
                     if NORM:
-                        ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M), cache_modifier=".cg")
+                        ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M),
+                                      cache_modifier=".cg")
                 _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
                           NORM, SILU, RESIDUAL, HAS_BIAS)
                 tl.atomic_xchg(Counter + tile, 0)  # ready for the next launch
