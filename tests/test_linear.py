@@ -25,10 +25,28 @@ def test_linear_matches_reference(rows, n, k, norm, silu, residual, bias):
               norm_weight=(1 + 0.1 * torch.randn(k, device=DEV, generator=g)).to(DTYPE) if norm else None,
               eps=1e-6, silu=silu, residual=torch.randn(rows, n, device=DEV, generator=g).to(DTYPE) if residual else None)
     expect = linear_reference(x.float(), w.float(), **{key: (v.float() if torch.is_tensor(v) else v) for key, v in kw.items()})
-    for splits in (None, 1, 3):  # planned, one pass over K, and K split with the merge in the last program
-        out = linear(x, w, **kw, splits=splits, block_k=64)
-        assert out.shape == expect.shape == (rows, n) and out.dtype == DTYPE
-        assert rel_err(out.float(), expect) < TOL, splits
+    # planned, one pass over K, and K split with the merge in the last program; each also accumulating out^T
+    for splits in (None, 1, 3):
+        for swap in (False, True):
+            out = linear(x, w, **kw, splits=splits, block_k=64, swap=swap)
+            assert out.shape == expect.shape == (rows, n) and out.dtype == DTYPE
+            assert rel_err(out.float(), expect) < TOL, (splits, swap)
+
+
+def test_measured_plans_apply_within_their_block_only():
+    from dustin import linear as lin
+
+    default = lin.plan(64, 96, 1, torch.device(DEV))
+    table = {(64, 96, False, 16): lin.Plan(block_n=16, block_k=32, splits=3, swap=True, num_stages=2)}
+    with lin.use_plans(table):
+        p = lin.plan(64, 96, 1, torch.device(DEV))
+        assert p == table[(64, 96, False, 16)]
+        assert lin.plan(64, 96, 1, torch.device(DEV), silu=True) == default  # another shape keeps the heuristic
+        assert lin.plan(64, 96, 1, torch.device(DEV), splits=1).splits == 1  # an explicit argument wins
+        x = torch.randn(5, 96, device=DEV, dtype=DTYPE)
+        w = torch.randn(64, 96, device=DEV, dtype=DTYPE) / 10
+        assert rel_err(linear(x, w).float(), linear_reference(x.float(), w.float())) < TOL
+    assert lin.plan(64, 96, 1, torch.device(DEV)) == default
 
 
 def test_linear_keeps_leading_dims_and_refuses_bad_input():

@@ -323,7 +323,8 @@ def cmd_bench(args) -> None:
     elif args.what == "linear":
         from .bench import linear as bench
 
-        record = bench.run(shapes=(args.shapes or ",".join(bench.DRAFT_SHAPES)).split(","), rows=_ints(args.batches))
+        record = bench.run(shapes=(args.shapes or ",".join(bench.DRAFT_SHAPES)).split(","), rows=_ints(args.batches),
+                           context=max(_ints(args.contexts)), budget=args.budget + 16)
     else:
         from .bench import e2e as bench
 

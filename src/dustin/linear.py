@@ -23,6 +23,9 @@ end to end, `benchmarks/gpu/e2e.json`) and the whole block only when asked (`"tr
 """
 from __future__ import annotations
 
+import contextlib
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +64,7 @@ if triton is not None:
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                       EVEN_K: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                       EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -70,8 +73,12 @@ if triton is not None:
         row_ok = rows < M
         col_ok = cols < N
         kk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if SWAP:  # accumulate out^T: the weight's columns fill the MMA's long side, the few rows its short one
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_M], tl.float32)
         k_lo = split * k_per
         k_hi = tl.minimum(k_lo + k_per, K)
@@ -79,11 +86,14 @@ if triton is not None:
         w, w_up = _weight_tile(W, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K)
         wait_for_inputs(PDL)
         x, ss = _input_tile(X, NormW, rows, row_ok, k_lo, kk, K, s_xm, ss, NORM, EVEN_K)
-        acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, PRECISION)
+        acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, SWAP, PRECISION)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
             w, w_up = _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU, EVEN_K)
             x, ss = _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM, EVEN_K)
-            acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, PRECISION)
+            acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, SWAP, PRECISION)
+        if SWAP:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
         if SPLITS > 1:
             # split-K: park the partial sums; the last split of this tile to finish adds them up
             tile = pid_m * tl.num_programs(0) + pid_n
@@ -130,10 +140,15 @@ if triton is not None:
         return w, w_up
 
     @triton.jit
-    def _mma(acc, acc_up, x, w, w_up, SILU: tl.constexpr, PRECISION: tl.constexpr):
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-        if SILU:
-            acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
+    def _mma(acc, acc_up, x, w, w_up, SILU: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+        if SWAP:
+            acc += tl.dot(w, tl.trans(x), input_precision=PRECISION)
+            if SILU:
+                acc_up += tl.dot(w_up, tl.trans(x), input_precision=PRECISION)
+        else:
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            if SILU:
+                acc_up += tl.dot(x, tl.trans(w_up), input_precision=PRECISION)
         return acc, acc_up
 
     @triton.jit
@@ -174,29 +189,64 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def plan(n: int, k: int, m_blocks: int, device: torch.device, *, block_n: int | None = None,
-         block_k: int | None = None) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, splits of K): about two programs per SM, so that a short, deep weight (the
-    down projection) is still read by the whole GPU (benchmarks/gpu/linear.json)."""
+class Plan(NamedTuple):
+    """How `linear` tiles one projection: output columns and depth per program, splits of K (None:
+    about two programs per SM), `swap` (accumulate out^T, so the weight's columns fill the MMA's long
+    side: Hopper's warpgroup MMA needs 64 of them), warps and software-pipeline depth."""
+
+    block_n: int = 32
+    block_k: int | None = None
+    splits: int | None = None
+    swap: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_measured: dict[tuple[int, int, bool, int], Plan] = {}
+
+
+@contextlib.contextmanager
+def use_plans(plans: dict[tuple[int, int, bool, int], Plan]):
+    """Within the block, a projection of shape `(n, k, silu, block_m)` found in `plans` runs with that
+    plan: a benchmark times whole decode passes under the plans it measured per projection."""
+    saved = dict(_measured)
+    _measured.update(plans)
+    try:
+        yield
+    finally:
+        _measured.clear()
+        _measured.update(saved)
+
+
+def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = False, block_m: int = 16,
+         **fixed) -> Plan:
+    """The plan for an `[n, k]` projection (`fixed` fields that are not None win): a measured one from
+    `use_plans`, else 32 columns and the deepest block up to 256 that divides K, split so that there are
+    about two programs per SM and a short, deep weight (the down projection) is still read by the whole
+    GPU (benchmarks/gpu/linear.json)."""
     from .attention.decode import _sm_count
 
-    block_n = block_n or 32
-    programs = triton.cdiv(n, block_n) * m_blocks
+    p = _measured.get((n, k, silu, block_m), Plan())._replace(**{f: v for f, v in fixed.items() if v is not None})
+    block_k = p.block_k
     if block_k is None:
         block_k = 256
         while block_k > 64 and k % block_k:  # a depth block that divides K keeps the loads unmasked
             block_k //= 2
-    k_tiles = triton.cdiv(k, block_k)
-    splits = max(1, min(8, (2 * _sm_count(device) + programs - 1) // programs, k_tiles))
-    return block_n, block_k, splits
+    splits = p.splits
+    if splits is None:
+        programs = triton.cdiv(n, p.block_n) * m_blocks
+        splits = max(1, min(8, (2 * _sm_count(device) + programs - 1) // programs, triton.cdiv(k, block_k)))
+    return p._replace(block_k=block_k, splits=splits)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
            residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
-           splits: int | None = None, num_warps: int = 4, num_stages: int = 3, check: bool = True) -> torch.Tensor:
+           splits: int | None = None, swap: bool | None = None, num_warps: int | None = None,
+           num_stages: int | None = None, check: bool = True) -> torch.Tensor:
     """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
     dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`.
+    The tiling arguments override `plan`'s choice.
 
     Under PDL (`dustin.pdl`) the kernel reads its first weight tile before the previous kernel has
     finished: `weight` must not be an output of the kernel launched just before (a parameter never is)."""
@@ -227,9 +277,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     out2 = out.view(-1, N)
     block_m = max(16, triton.next_power_of_2(M))
-    bn, bk, n_splits = plan(N, K, triton.cdiv(M, block_m), x.device, block_n=block_n, block_k=block_k)
-    splits = n_splits if splits is None else splits
-    k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    p = plan(N, K, triton.cdiv(M, block_m), x.device, silu=silu, block_m=block_m, block_n=block_n, block_k=block_k,
+             splits=splits, swap=swap, num_warps=num_warps, num_stages=num_stages)
+    bn, bk = p.block_n, p.block_k
+    k_per = triton.cdiv(triton.cdiv(K, p.splits), bk) * bk
     splits = triton.cdiv(K, k_per)  # no empty split
     grid = (triton.cdiv(N, bn), splits, triton.cdiv(M, block_m))
     part_acc = part_ss = counter = out2
@@ -243,6 +294,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
-        PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
-        num_warps=num_warps, num_stages=num_stages)
+        SWAP=p.swap, PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
+        num_warps=p.num_warps, num_stages=p.num_stages)
     return out

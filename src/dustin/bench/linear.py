@@ -1,42 +1,62 @@
-"""`dustin bench linear`: one decoder block's linear layers at draft sizes, cuBLAS against the fused kernel.
+"""`dustin bench linear`: a draft's linear layers at decode sizes, read cold, the way a pass runs them.
 
-Per model shape and row count (batch x new tokens), the four projections of a block are timed the way
-a decode step runs them:
-- cuBLAS path: the RMSNorm kernel + `F.linear` (qkv, gate/up), SiLU * up kernel, `F.linear` + the
-  residual add riding in the next norm (o, down);
-- fused path: `dustin.linear.linear` with the norm in the prologue and SiLU / residual in the epilogue,
-  over a sweep of column blocks, depth blocks and splits of K.
-Each is timed inside a CUDA graph; the weight bytes over the copy bandwidth give the floor.
+Per draft shape, two measurements:
+- per projection: the cuBLAS path (`F.linear` plus the norm, SiLU and residual kernels it needs)
+  against the fused kernel (`dustin.linear`) under a sweep of plans (`linear.Plan`). Each timed call
+  reads another copy of the weight, enough copies to overflow the L2 cache: in a pass over all layers
+  every weight comes from memory, and timing one resident copy would flatter every variant;
+- per pass: a whole decode pass of the draft (one token per sequence, an index set of `budget` entries
+  at `context`, the LM head included) for each linear backend, and for the fused backends again under
+  the best measured plan of each projection (`linear.use_plans`).
+Everything is timed as CUDA-graph replays; the weight bytes over the copy bandwidth give the floor.
 """
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
 
 from .. import fused as fused_ops
-from ..linear import linear, linear_reference
+from ..linear import Plan, linear, linear_reference, use_plans
+from ..loading import random_model
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
 
 DRAFT_SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b")
-VARIANTS = [(bn, bk, sp) for bn in (16, 32, 64) for bk in (128, 256) for sp in (None, 1, 2, 4, 8)]
+COLD_BYTES = 256 << 20  # weight copies per projection: at least this much, four times the H200's L2
+VARIANTS = {
+    "default": Plan(),
+    "bn64-bk128-splits1": Plan(block_n=64, block_k=128, splits=1),
+    "swap-bn64-bk64-s6": Plan(block_n=64, block_k=64, swap=True, num_stages=6),
+    "swap-bn64-bk64-splits1-s6": Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6),
+    "swap-bn64-bk64-splits2-s6": Plan(block_n=64, block_k=64, splits=2, swap=True, num_stages=6),
+    "swap-bn64-bk64-splits4-s4": Plan(block_n=64, block_k=64, splits=4, swap=True, num_stages=4),
+    "swap-bn64-bk128-s4": Plan(block_n=64, block_k=128, swap=True, num_stages=4),
+    "swap-bn64-bk128-splits1-s4": Plan(block_n=64, block_k=128, splits=1, swap=True, num_stages=4),
+    "swap-bn128-bk64-s6": Plan(block_n=128, block_k=64, swap=True, num_stages=6),
+    "swap-bn128-bk64-splits1-s8": Plan(block_n=128, block_k=64, splits=1, swap=True, num_stages=8),
+    "swap-bn128-bk128-splits1-s4": Plan(block_n=128, block_k=128, splits=1, swap=True, num_stages=4),
+    "swap-bn128-bk64-w8-s6": Plan(block_n=128, block_k=64, swap=True, num_warps=8, num_stages=6),
+}
+BACKENDS = ("torch", "down", "triton")
 
 
 def _layers(shape: str, device, dtype, g) -> dict:
     a = get_shape(shape)
     D, I, qkv = a.dim, a.intermediate_size, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-    w = lambda n, k: (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(dtype)  # noqa: E731
     vec = lambda n: (1 + 0.1 * torch.randn(n, device=device, generator=g)).to(dtype)  # noqa: E731
-    return {"qkv": dict(weight=w(qkv, D), bias=vec(qkv) if a.qkv_bias else None, norm_weight=vec(D)),
-            "o": dict(weight=w(D, a.n_heads * a.head_dim), residual=True, next_norm=vec(D)),
-            "gate_up": dict(weight=w(2 * I, D), norm_weight=vec(D), silu=True),
-            "down": dict(weight=w(D, I), residual=True, next_norm=vec(D))}
+    return {"qkv": dict(shape=(qkv, D), bias=vec(qkv) if a.qkv_bias else None, norm_weight=vec(D)),
+            "o": dict(shape=(D, a.n_heads * a.head_dim), residual=True, next_norm=vec(D)),
+            "gate_up": dict(shape=(2 * I, D), norm_weight=vec(D), silu=True),
+            "down": dict(shape=(D, I), residual=True, next_norm=vec(D))}
 
 
-def _cublas(x, spec, res):
+def _cublas(x, w, spec, res):
     """What the unfused decode path launches for this projection. Its two norms per block ride with the
     residual adds (`add_rmsnorm`), so they are counted at o and down, not at qkv and gate/up."""
-    y = F.linear(x, spec["weight"], spec.get("bias"))
+    y = F.linear(x, w, spec.get("bias"))
     if spec.get("silu"):
         y = fused_ops.silu_mul(y)
     if spec.get("residual"):
@@ -44,50 +64,88 @@ def _cublas(x, spec, res):
     return y
 
 
-def bench_case(shape: str, rows: int, *, device="cuda", dtype=torch.bfloat16) -> dict:
+def bench_projections(shape: str, rows: int, *, device="cuda", dtype=torch.bfloat16) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
-    out = {"shape": shape, "rows": rows, "layers": {}}
+    out = {}
     for name, spec in _layers(shape, device, dtype, g).items():
-        W = spec["weight"]
-        N = W.shape[0] // 2 if spec.get("silu") else W.shape[0]
-        x = torch.randn(rows, W.shape[1], device=device, generator=g).to(dtype)
-        res = torch.randn(rows, N, device=device, generator=g).to(dtype) if spec.get("residual") else None
+        n2, k = spec["shape"]
+        n = n2 // 2 if spec.get("silu") else n2
+        nbytes = n2 * k * torch.finfo(dtype).bits // 8
+        copies = max(4, min(64, -(-COLD_BYTES // nbytes)))
+        ws = [(torch.randn(n2, k, device=device, generator=g) / k ** 0.5).to(dtype) for _ in range(copies)]
+        x = torch.randn(rows, k, device=device, generator=g).to(dtype)
+        res = torch.randn(rows, n, device=device, generator=g).to(dtype) if spec.get("residual") else None
         kw = dict(bias=spec.get("bias"), norm_weight=spec.get("norm_weight"), silu=spec.get("silu", False),
                   residual=res)
-        ref = linear_reference(x.float(), W.float(), **{k: (v.float() if torch.is_tensor(v) else v)
-                                                        for k, v in kw.items()})
-        rec = {"n": N, "k": W.shape[1], "weight_bytes": W.numel() * W.element_size(),
-               "rel_err": float((linear(x, W, **kw).float() - ref).norm() / ref.norm()),
-               "cublas_s": time_graph(lambda: _cublas(x, spec, res), calls=20)}
-        times = {}
-        for bn, bk, sp in VARIANTS:
+        ref = linear_reference(x.float(), ws[0].float(), **{key: (v.float() if torch.is_tensor(v) else v)
+                                                             for key, v in kw.items()})
+        rot = itertools.cycle(range(copies))
+        rec = {"n": n, "k": k, "weight_bytes": nbytes, "copies": copies,
+               "cublas_s": time_graph(lambda: _cublas(x, ws[next(rot)], spec, res), calls=copies)}
+        times, errors = {}, {}
+        for label, p in VARIANTS.items():
+            fields = {f: v for f, v in p._asdict().items() if v is not None}
             try:
-                times[f"bn{bn}-bk{bk}-splits{sp}"] = time_graph(
-                    lambda: linear(x, W, **kw, block_n=bn, block_k=bk, splits=sp, check=False), calls=20)
+                errors[label] = float((linear(x, ws[0], **kw, **fields).float() - ref).norm() / ref.norm())
+                times[label] = time_graph(lambda: linear(x, ws[next(rot)], **kw, **fields, check=False), calls=copies)
             except Exception as e:  # noqa: BLE001 - a variant the compiler cannot fit is a result, not a crash
-                times[f"bn{bn}-bk{bk}-splits{sp}"] = f"failed: {type(e).__name__}"
-        ok = {k: v for k, v in times.items() if isinstance(v, float)}
-        rec["fused_default_s"] = time_graph(lambda: linear(x, W, **kw, check=False), calls=20)
-        rec["fused_best"], rec["fused_best_s"], rec["fused_variants_s"] = min(ok, key=ok.get), min(ok.values()), times
-        out["layers"][name] = rec
-    out["cublas_block_s"] = sum(r["cublas_s"] for r in out["layers"].values())
-    out["fused_block_s"] = sum(r["fused_default_s"] for r in out["layers"].values())
+                times[label] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        ok = {key: v for key, v in times.items() if isinstance(v, float) and errors[key] < 2e-2}
+        rec.update(fused_variants_s=times, rel_err=errors, fused_default_s=times["default"],
+                   fused_best=min(ok, key=ok.get), fused_best_s=min(ok.values()))
+        out[name] = rec
     return out
 
 
-def run(*, shapes=DRAFT_SHAPES, rows=(16, 32), progress=print) -> dict:
+def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int, device="cuda",
+                 dtype=torch.bfloat16) -> dict:
+    """Seconds per decode pass of the draft for each backend, and under the measured best plans."""
+    args = dataclasses.replace(get_shape(shape), max_position_embeddings=max(context + 64, 32768))
+    model = random_model(args, device=torch.device(device), dtype=dtype)
+    cache = model.setup_cache(rows, context + 64)
+    for layer in range(args.n_layers):
+        cache.k[layer].normal_()
+        cache.v[layer].normal_()
+    cache.seq_lens.fill_(context)
+    g = torch.Generator(device=device).manual_seed(1)
+    indices = torch.rand(rows, context, device=device, generator=g).argsort(1)[:, :budget].sort(1).values.int()
+    ids = torch.randint(0, 1000, (rows, 1), device=device, generator=g)
+    step = lambda: model.decode(ids, indices=indices, float_logits=False, check=False)  # noqa: E731
+    out = {}
+    for backend in BACKENDS:
+        model.linear_backend = backend
+        out[backend] = time_graph(step, calls=4)
+        if backend != "torch":
+            with use_plans(best):
+                out[f"{backend}+measured-plans"] = time_graph(step, calls=4)
+    return out
+
+
+def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=print) -> dict:
     device = torch.device("cuda")
     copy = copy_bandwidth(device)
     bw = copy["best"]
     cases = []
     for shape in shapes:
         for m in rows:
-            c = bench_case(shape, m)
-            c["floor_block_s"] = sum(r["weight_bytes"] for r in c["layers"].values()) / bw
+            layers = bench_projections(shape, m)
+            block_m = max(16, 1 << (m - 1).bit_length())
+            best = {(r["n"], r["k"], name == "gate_up", block_m): VARIANTS[r["fused_best"]] for name, r in layers.items()}
+            c = {"shape": shape, "rows": m, "layers": layers, "context": context, "budget": budget,
+                 "best_plans": {name: r["fused_best"] for name, r in layers.items()},
+                 "cublas_block_s": sum(r["cublas_s"] for r in layers.values()),
+                 "fused_block_s": sum(r["fused_default_s"] for r in layers.values()),
+                 "fused_best_block_s": sum(r["fused_best_s"] for r in layers.values()),
+                 "floor_block_s": sum(r["weight_bytes"] for r in layers.values()) / bw,
+                 "pass_s": bench_passes(shape, m, best, context=context, budget=budget)}
+            torch.cuda.empty_cache()
             cases.append(c)
-            progress(f"{shape} x{m}: cuBLAS path {c['cublas_block_s'] * 1e6:.1f} us, fused {c['fused_block_s'] * 1e6:.1f} "
-                     f"us per block (weight floor {c['floor_block_s'] * 1e6:.1f} us)")
-    return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "cases": cases}
+            progress(f"{shape} x{m}: per block cuBLAS path {c['cublas_block_s'] * 1e6:.1f} us, fused "
+                     f"{c['fused_block_s'] * 1e6:.1f}, best fused {c['fused_best_block_s'] * 1e6:.1f} (floor "
+                     f"{c['floor_block_s'] * 1e6:.1f}); pass " + ", ".join(
+                         f"{k} {v * 1e3:.3f} ms" for k, v in c["pass_s"].items()))
+    return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "variants": {k: p._asdict() for k, p in VARIANTS.items()},
+            "cases": cases}
 
 
 def table(record: dict) -> str:
@@ -100,12 +158,17 @@ def table(record: dict) -> str:
                         f"| {r['fused_default_s'] * 1e6:.1f} | {r['fused_best_s'] * 1e6:.1f} [{r['fused_best']}] "
                         f"| {r['weight_bytes'] / bw * 1e6:.1f} |")
         rows.append(f"| {c['shape']} | {c['rows']} | **block** | | {c['cublas_block_s'] * 1e6:.1f} "
-                    f"| {c['fused_block_s'] * 1e6:.1f} | | {c['floor_block_s'] * 1e6:.1f} |")
+                    f"| {c['fused_block_s'] * 1e6:.1f} | {c['fused_best_block_s'] * 1e6:.1f} | {c['floor_block_s'] * 1e6:.1f} |")
+    rows += ["", "| shape | rows | context | budget | " + " | ".join(f"pass ms: {k}" for k in record["cases"][0]["pass_s"])
+             + " |", "|" + "---|" * (4 + len(record["cases"][0]["pass_s"]))]
+    for c in record["cases"]:
+        rows.append(f"| {c['shape']} | {c['rows']} | {c['context']} | {c['budget']} | "
+                    + " | ".join(f"{v * 1e3:.3f}" for v in c["pass_s"].values()) + " |")
     return "\n".join(rows)
 
 
 def plot(record: dict, path) -> None:
-    """Per-block time of the four projections, cuBLAS path against fused, with the weight-read floor."""
+    """Per-block time of the four projections (cuBLAS path, fused default, fused best) with the floor."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,12 +177,13 @@ def plot(record: dict, path) -> None:
     cases = record["cases"]
     labels = [f"{c['shape']}\nx{c['rows']}" for c in cases]
     x = range(len(cases))
-    fig, ax = plt.subplots(figsize=(2 + 2 * len(cases), 4))
-    ax.bar([i - 0.2 for i in x], [c["cublas_block_s"] * 1e6 for c in cases], 0.4, label="cuBLAS + norm/SiLU kernels")
-    ax.bar([i + 0.2 for i in x], [c["fused_block_s"] * 1e6 for c in cases], 0.4, label="fused linear kernels")
-    ax.scatter(list(x), [c["floor_block_s"] * 1e6 for c in cases], color="k", marker="_", s=400, label="weight floor")
+    fig, ax = plt.subplots(figsize=(2 + 2.5 * len(cases), 4))
+    for off, key, label in ((-0.27, "cublas_block_s", "cuBLAS + norm/SiLU kernels"),
+                            (0.0, "fused_block_s", "fused, default plan"), (0.27, "fused_best_block_s", "fused, best plan")):
+        ax.bar([i + off for i in x], [c[key] * 1e6 for c in cases], 0.27, label=label)
+    ax.scatter(list(x), [c["floor_block_s"] * 1e6 for c in cases], color="k", marker="_", s=600, label="weight floor")
     ax.set_xticks(list(x), labels)
-    ax.set_ylabel("us per block (4 projections)")
+    ax.set_ylabel("us per block (4 projections, weights cold)")
     ax.set_title(f"draft block linears (copy bandwidth {record['copy_bandwidth_Bps'] / 1e12:.2f} TB/s)")
     ax.legend(fontsize=8)
     fig.tight_layout()
