@@ -223,8 +223,9 @@ def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = Fa
     """The plan for an `[n, k]` projection (`fixed` fields that are not None win): a measured one from
     `use_plans`, else by the kind of projection, as the H200 sweep over cold weights found best at 16
     rows (benchmarks/gpu/linear.json): gate/up with SiLU in one pass over K as out^T, 64-deep blocks six
-    stages deep (Qwen2.5-0.5B 9.5 us against 15.5 for the plain plan); a deep, short weight (the down
-    projection) as out^T in 128-deep blocks (6.0 against 6.6 us); else 32 columns. Unless fixed, the
+    stages deep (Qwen2.5-0.5B 9.5 us against 15.5 for the plain plan); other weights of 4M elements or
+    more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.2 against 15.2 us, down 12.6 against 14.4);
+    smaller ones in plain 32-column blocks (Qwen2.5-0.5B qkv 3.9 against 4.2 us). Unless fixed, the
     depth block is the deepest up to 256 that divides K, and K is split so that there are about two
     programs per SM."""
     from .attention.decode import _sm_count
@@ -233,7 +234,7 @@ def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = Fa
         p = _measured[(n, k, silu, block_m)]
     elif silu:
         p = Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6)
-    elif k >= 4 * n:
+    elif n * k >= 1 << 22:
         p = Plan(block_n=64, block_k=128, swap=True, num_stages=4)
     else:
         p = Plan()
