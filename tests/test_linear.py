@@ -74,6 +74,11 @@ def test_linear_backend_is_checked_when_set():
     with pytest.raises(DustinError, match="unknown linear backend 'cublas'.*triton"):
         model.linear_backend = "cublas"
     assert model.linear_backend == "torch"
+    model.linear_backend = "auto"  # resolved by the model's size: this one is small
+    assert model.linear_backend == "triton"
+    from dustin.config import resolve_linear_backend
+
+    assert resolve_linear_backend("auto", 2048) == "down" and resolve_linear_backend("torch", 64) == "torch"
 
 
 @pytest.mark.parametrize("T", [1, 2])

@@ -464,9 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
-    s.add_argument("--draft-linear", default="down", choices=list(LINEAR_BACKENDS),
+    s.add_argument("--draft-linear", default="auto", choices=list(LINEAR_BACKENDS),
                    help="the draft's linear layers: cuBLAS (torch), cuBLAS but the down projection in the fused "
-                        "few-row Triton kernel (down), or all in the fused kernels (triton)")
+                        "few-row Triton kernel (down), all in the fused kernels (triton), or the faster of the "
+                        "last two for the draft's size (auto)")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")

@@ -10,11 +10,24 @@ from .errors import DustinError
 
 # how few-row decode passes (a draft's steps) run their linear layers: `Transformer.linear_backend`
 LINEAR_BACKENDS = {
+    "auto": "triton for a model of hidden size up to 1024, else down: the faster of the two end to end on the "
+            "H200 (benchmarks/gpu/e2e.json: the Qwen2.5-0.5B draft gains with triton, Llama-3.2-1B loses)",
     "torch": "cuBLAS for every linear layer",
     "down": "cuBLAS, but the down projection in the fused few-row kernel with the residual add in its "
             "epilogue (no split-K reduce launch)",
     "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
 }
+
+
+
+def resolve_linear_backend(name: str, dim: int) -> str:
+    """`LINEAR_BACKENDS` name -> the backend a model of hidden size `dim` runs ("auto" resolved)."""
+    if name not in LINEAR_BACKENDS:
+        raise DustinError(f"unknown linear backend {name!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
+    if name == "auto":
+        return "triton" if dim <= 1024 else "down"
+    return name
+
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -209,9 +222,9 @@ class SpecConfig:
     draft_kv: str = "auto"  # what the draft reads: full | streaming | selected (dustin's set + recent); auto:
     # streaming for magicdec, else full
     cuda_graphs: bool = True  # on CUDA, replay greedy steps from a captured graph
-    draft_linear: str = "down"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
-    # and its residual add in `dustin.linear`'s kernel: benchmarks/gpu/e2e.json) | triton (every one in the fused
-    # few-row kernels; slower than cuBLAS on the H200 so far: benchmarks/gpu/linear.json): `LINEAR_BACKENDS`
+    draft_linear: str = "auto"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
+    # and its residual add in `dustin.linear`'s kernel) | triton (every one in the fused few-row kernels) | auto
+    # (the faster of triton and down for the draft's size, benchmarks/gpu/e2e.json): `LINEAR_BACKENDS`
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:

@@ -18,7 +18,7 @@ from torch import nn
 from . import fused as fused_ops
 from .attention import attend, attend_rope, resolve_backend
 from .cache import KVCache, available_memory, estimate_memory
-from .config import LINEAR_BACKENDS, ModelArgs
+from .config import ModelArgs, resolve_linear_backend
 from .errors import DustinError
 from .linear import MAX_ROWS, linear
 
@@ -196,14 +196,13 @@ class Transformer(nn.Module):
 
     @property
     def linear_backend(self) -> str:
-        """How few-row passes (a draft's decode steps) run their linear layers: one of `LINEAR_BACKENDS`."""
+        """How few-row passes (a draft's decode steps) run their linear layers: one of `LINEAR_BACKENDS`,
+        "auto" resolved for this model's size when set."""
         return self._linear_backend
 
     @linear_backend.setter
     def linear_backend(self, value: str) -> None:
-        if value not in LINEAR_BACKENDS:
-            raise DustinError(f"unknown linear backend {value!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
-        self._linear_backend = value
+        self._linear_backend = resolve_linear_backend(value, self.args.dim)
 
     @property
     def attention_backend(self) -> str:

@@ -37,6 +37,7 @@ METHODS = {
     "dustin": dict(method="dustin"),
     "dustin+draft-selected": dict(method="dustin", draft_kv="selected"),
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
+    "dustin+draft-selected+down-draft": dict(method="dustin", draft_kv="selected", draft_linear="down"),
     "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
     # the same step with every kernel launched the usual way (`dustin.pdl`), side by side
