@@ -42,11 +42,20 @@ def test_measured_plans_apply_within_their_block_only():
         p = lin.plan(64, 96, 1, torch.device(DEV))
         assert p == table[(64, 96, False, 16)]
         assert lin.plan(64, 96, 1, torch.device(DEV), block_m=32) == default  # another shape keeps the heuristic
-        assert lin.plan(64, 96, 1, torch.device(DEV), splits=1).splits == 1  # an explicit argument wins
+        # explicit tiling replaces the plan: the fields given, the rest as in a plain `Plan`
+        assert lin.plan(64, 96, 1, torch.device(DEV), splits=1, swap=True)[:4] == (32, 64, 1, True)
         x = torch.randn(5, 96, device=DEV, dtype=DTYPE)
         w = torch.randn(64, 96, device=DEV, dtype=DTYPE) / 10
         assert rel_err(linear(x, w).float(), linear_reference(x.float(), w.float())) < TOL
     assert lin.plan(64, 96, 1, torch.device(DEV)) == default
+
+
+def test_plans_by_kind_of_projection():
+    from dustin.linear import Plan, choose
+
+    assert choose(4864, 896, silu=True).swap and choose(4864, 896, silu=True).splits == 1  # gate/up
+    assert choose(896, 4864).swap and choose(3072, 2048).swap  # 4M weight elements and more
+    assert choose(1152, 896) == Plan()  # a small one: the plain plan
 
 
 def test_linear_keeps_leading_dims_and_refuses_bad_input():

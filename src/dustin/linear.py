@@ -218,27 +218,31 @@ def use_plans(plans: dict[tuple[int, int, bool, int], Plan]):
         _measured.update(saved)
 
 
-def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = False, block_m: int = 16,
-         **fixed) -> Plan:
-    """The plan for an `[n, k]` projection (`fixed` fields that are not None win): a measured one from
+def choose(n: int, k: int, *, silu: bool = False, block_m: int = 16) -> Plan:
+    """The plan for an `[n, k]` projection before its depth and splits are resolved: a measured one from
     `use_plans`, else by the kind of projection, as the H200 sweep over cold weights found best at 16
     rows (benchmarks/gpu/linear.json): gate/up with SiLU in one pass over K as out^T, 64-deep blocks six
     stages deep (Qwen2.5-0.5B 9.5 us against 15.5 for the plain plan); other weights of 4M elements or
     more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.2 against 15.2 us, down 12.6 against 14.4);
-    smaller ones in plain 32-column blocks (Qwen2.5-0.5B qkv 3.9 against 4.2 us). Unless fixed, the
-    depth block is the deepest up to 256 that divides K, and K is split so that there are about two
-    programs per SM."""
+    smaller ones in the plain plan (Qwen2.5-0.5B qkv 3.9 against 4.2 us)."""
+    if (n, k, silu, block_m) in _measured:
+        return _measured[(n, k, silu, block_m)]
+    if silu:
+        return Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6)
+    if n * k >= 1 << 22:
+        return Plan(block_n=64, block_k=128, swap=True, num_stages=4)
+    return Plan()
+
+
+def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = False, block_m: int = 16,
+         **fixed) -> Plan:
+    """`choose`'s plan, or with any of `fixed` given (not None) the `Plan` of those fields alone; then
+    unless given, the depth block is the deepest up to 256 that divides K, and K is split so that there
+    are about two programs per SM."""
     from .attention.decode import _sm_count
 
-    if (n, k, silu, block_m) in _measured:
-        p = _measured[(n, k, silu, block_m)]
-    elif silu:
-        p = Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6)
-    elif n * k >= 1 << 22:
-        p = Plan(block_n=64, block_k=128, swap=True, num_stages=4)
-    else:
-        p = Plan()
-    p = p._replace(**{f: v for f, v in fixed.items() if v is not None})
+    given = {f: v for f, v in fixed.items() if v is not None}
+    p = Plan(**given) if given else choose(n, k, silu=silu, block_m=block_m)
     block_k = p.block_k
     if block_k is None:
         block_k = 256

@@ -6,8 +6,10 @@ Per draft shape, two measurements:
   reads another copy of the weight, enough copies to overflow the L2 cache: in a pass over all layers
   every weight comes from memory, and timing one resident copy would flatter every variant;
 - per pass: a whole decode pass of the draft (one token per sequence, an index set of `budget` entries
-  at `context`, the LM head included) for each linear backend, and for the fused backends again under
-  the best measured plan of each projection (`linear.use_plans`).
+  at `context`, the LM head included) for each linear backend under the plans `linear.choose` makes,
+  and for the fused backends again under the best measured plan of each projection (`linear.use_plans`).
+The sweep holds every plan `linear.choose` makes for the draft shapes, so the planned time of each
+projection is one of the measured variants.
 Everything is timed as CUDA-graph replays; the weight bytes over the copy bandwidth give the floor.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import fused as fused_ops
-from ..linear import Plan, linear, linear_reference, use_plans
+from ..linear import Plan, choose, linear, linear_reference, use_plans
 from ..loading import random_model
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
@@ -27,7 +29,7 @@ from .common import copy_bandwidth, time_graph
 DRAFT_SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b")
 COLD_BYTES = 256 << 20  # weight copies per projection: at least this much, four times the H200's L2
 VARIANTS = {
-    "default": Plan(),
+    "plain": Plan(),
     "bn64-bk128-splits1": Plan(block_n=64, block_k=128, splits=1),
     "swap-bn64-bk64-s6": Plan(block_n=64, block_k=64, swap=True, num_stages=6),
     "swap-bn64-bk64-splits1-s6": Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6),
@@ -91,11 +93,7 @@ def bench_projections(shape: str, rows: int, *, device="cuda", dtype=torch.bfloa
                 times[label] = time_graph(lambda: linear(x, ws[next(rot)], **kw, **fields, check=False), calls=copies)
             except Exception as e:  # noqa: BLE001 - a variant the compiler cannot fit is a result, not a crash
                 times[label] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-        ok = {key: v for key, v in times.items() if isinstance(v, float) and errors[key] < 2e-2}
-        if "default" not in ok:
-            raise RuntimeError(f"{shape} {name}: the default plan failed or erred: {times['default']}, {errors}")
-        rec.update(fused_variants_s=times, rel_err=errors, fused_default_s=times["default"],
-                   fused_best=min(ok, key=ok.get), fused_best_s=min(ok.values()))
+        rec.update(fused_variants_s=times, rel_err=errors)
         out[name] = rec
     return out
 
@@ -124,6 +122,30 @@ def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int
     return out
 
 
+def _block_m(rows: int) -> int:
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+def summarise(case: dict, bw: float) -> dict:
+    """A case's derived figures from its measured variants: per projection the plain, planned
+    (`linear.choose`) and best plan (a variant within 2e-2 of the reference), and their sums per block."""
+    for name, r in case["layers"].items():
+        times = r["fused_variants_s"]
+        ok = {key: v for key, v in times.items() if isinstance(v, float) and r["rel_err"].get(key, 1.0) < 2e-2}
+        planned = choose(r["n"], r["k"], silu=name == "gate_up", block_m=_block_m(case["rows"]))
+        r["fused_planned"] = next((key for key, p in VARIANTS.items() if p == planned), None)
+        for key in ("plain", r["fused_planned"]):
+            if key not in ok:
+                raise RuntimeError(f"{case['shape']} {name}: plan {key} failed or erred: {times.get(key)}")
+        r.update(fused_plain_s=ok["plain"], fused_planned_s=ok[r["fused_planned"]], fused_best=min(ok, key=ok.get),
+                 fused_best_s=min(ok.values()))
+    for key in ("cublas", "fused_plain", "fused_planned", "fused_best"):
+        case[f"{key}_block_s"] = sum(r[f"{key}_s"] for r in case["layers"].values())
+    case["floor_block_s"] = sum(r["weight_bytes"] for r in case["layers"].values()) / bw
+    case["best_plans"] = {name: r["fused_best"] for name, r in case["layers"].items()}
+    return case
+
+
 def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=print) -> dict:
     device = torch.device("cuda")
     copy = copy_bandwidth(device)
@@ -131,42 +153,39 @@ def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=
     cases = []
     for shape in shapes:
         for m in rows:
-            layers = bench_projections(shape, m)
-            block_m = max(16, 1 << (m - 1).bit_length())
-            best = {(r["n"], r["k"], name == "gate_up", block_m): VARIANTS[r["fused_best"]] for name, r in layers.items()}
-            c = {"shape": shape, "rows": m, "layers": layers, "context": context, "budget": budget,
-                 "best_plans": {name: r["fused_best"] for name, r in layers.items()},
-                 "cublas_block_s": sum(r["cublas_s"] for r in layers.values()),
-                 "fused_block_s": sum(r["fused_default_s"] for r in layers.values()),
-                 "fused_best_block_s": sum(r["fused_best_s"] for r in layers.values()),
-                 "floor_block_s": sum(r["weight_bytes"] for r in layers.values()) / bw,
-                 "pass_s": bench_passes(shape, m, best, context=context, budget=budget)}
-            torch.cuda.empty_cache()
+            c = summarise({"shape": shape, "rows": m, "context": context, "budget": budget,
+                           "layers": bench_projections(shape, m)}, bw)
+            best = {(r["n"], r["k"], name == "gate_up", _block_m(m)): VARIANTS[r["fused_best"]]
+                    for name, r in c["layers"].items()}
+            c["pass_s"] = bench_passes(shape, m, best, context=context, budget=budget)
             cases.append(c)
+            torch.cuda.empty_cache()
             progress(f"{shape} x{m}: per block cuBLAS path {c['cublas_block_s'] * 1e6:.1f} us, fused "
-                     f"{c['fused_block_s'] * 1e6:.1f}, best fused {c['fused_best_block_s'] * 1e6:.1f} (floor "
-                     f"{c['floor_block_s'] * 1e6:.1f}); pass " + ", ".join(
+                     f"{c['fused_planned_block_s'] * 1e6:.1f} planned, {c['fused_best_block_s'] * 1e6:.1f} best "
+                     f"(floor {c['floor_block_s'] * 1e6:.1f}); pass " + ", ".join(
                          f"{k} {v * 1e3:.3f} ms" for k, v in c["pass_s"].items()))
     return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "variants": {k: p._asdict() for k, p in VARIANTS.items()},
             "cases": cases}
 
 
 def table(record: dict) -> str:
-    rows = ["| shape | rows | layer | N x K | cuBLAS path us | fused us (default) | best fused us [variant] | floor us |",
-            "|" + "---|" * 8]
+    rows = ["| shape | rows | layer | N x K | cuBLAS path us | fused us: plain | planned [plan] | best [plan] "
+            "| floor us |", "|" + "---|" * 9]
     bw = record["copy_bandwidth_Bps"]
     for c in record["cases"]:
         for name, r in c["layers"].items():
             rows.append(f"| {c['shape']} | {c['rows']} | {name} | {r['n']} x {r['k']} | {r['cublas_s'] * 1e6:.1f} "
-                        f"| {r['fused_default_s'] * 1e6:.1f} | {r['fused_best_s'] * 1e6:.1f} [{r['fused_best']}] "
-                        f"| {r['weight_bytes'] / bw * 1e6:.1f} |")
+                        f"| {r['fused_plain_s'] * 1e6:.1f} | {r['fused_planned_s'] * 1e6:.1f} [{r['fused_planned']}] "
+                        f"| {r['fused_best_s'] * 1e6:.1f} [{r['fused_best']}] | {r['weight_bytes'] / bw * 1e6:.1f} |")
         rows.append(f"| {c['shape']} | {c['rows']} | **block** | | {c['cublas_block_s'] * 1e6:.1f} "
-                    f"| {c['fused_block_s'] * 1e6:.1f} | {c['fused_best_block_s'] * 1e6:.1f} | {c['floor_block_s'] * 1e6:.1f} |")
-    rows += ["", "| shape | rows | context | budget | " + " | ".join(f"pass ms: {k}" for k in record["cases"][0]["pass_s"])
-             + " |", "|" + "---|" * (4 + len(record["cases"][0]["pass_s"]))]
+                    f"| {c['fused_plain_block_s'] * 1e6:.1f} | {c['fused_planned_block_s'] * 1e6:.1f} "
+                    f"| {c['fused_best_block_s'] * 1e6:.1f} | {c['floor_block_s'] * 1e6:.1f} |")
+    keys = list(record["cases"][0]["pass_s"])
+    rows += ["", "| shape | rows | context | budget | " + " | ".join(f"pass ms: {k}" for k in keys) + " |",
+             "|" + "---|" * (4 + len(keys))]
     for c in record["cases"]:
         rows.append(f"| {c['shape']} | {c['rows']} | {c['context']} | {c['budget']} | "
-                    + " | ".join(f"{v * 1e3:.3f}" for v in c["pass_s"].values()) + " |")
+                    + " | ".join(f"{c['pass_s'][k] * 1e3:.3f}" for k in keys) + " |")
     return "\n".join(rows)
 
 
@@ -182,7 +201,8 @@ def plot(record: dict, path) -> None:
     x = range(len(cases))
     fig, ax = plt.subplots(figsize=(2 + 2.5 * len(cases), 4))
     for off, key, label in ((-0.27, "cublas_block_s", "cuBLAS + norm/SiLU kernels"),
-                            (0.0, "fused_block_s", "fused, default plan"), (0.27, "fused_best_block_s", "fused, best plan")):
+                            (0.0, "fused_planned_block_s", "fused, planned"),
+                            (0.27, "fused_best_block_s", "fused, best plan")):
         ax.bar([i + off for i in x], [c[key] * 1e6 for c in cases], 0.27, label=label)
     ax.scatter(list(x), [c["floor_block_s"] * 1e6 for c in cases], color="k", marker="_", s=600, label="weight floor")
     ax.set_xticks(list(x), labels)
