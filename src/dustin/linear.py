@@ -13,10 +13,13 @@ of output columns for all rows and a split of K (a short, deep weight needs the 
 the last split of a tile to finish adds the parked partial sums and runs the epilogue, so there is no
 second launch. Reference: `linear_reference`.
 
-Measured on the H200 (`benchmarks/gpu/linear.md`) it beats cuBLAS plus the separate kernels on the o and
-down projections but loses on qkv and gate/up, and a whole block is slower: a draft runs its down
-projection here by default (`Transformer.linear_backend = "down"`, `SpecConfig.draft_linear`; faster
-end to end, `benchmarks/gpu/e2e.json`) and the whole block only when asked (`"triton"`).
+With `swap` a program accumulates out^T = W @ x^T instead: the weight's columns fill the 64-row side
+of Hopper's warpgroup MMA and the few rows its short side, where x @ W^T would pad 16 rows to a tile.
+`choose` picks a plan per kind of projection. Measured on the H200 over cold weights
+(`benchmarks/gpu/linear.md`), a Qwen2.5-0.5B block's four projections take 23.0 us here against 29.1
+for cuBLAS plus its norm and SiLU kernels; end to end (`benchmarks/gpu/e2e.json`) the all-fused draft
+(`Transformer.linear_backend = "triton"`) is the faster for Qwen2.5-0.5B and cuBLAS with only the down
+projection here (`"down"`) for Llama-3.2-1B, which is what `"auto"` picks.
 
     >>> y = linear(x, w, b, norm_weight=ln.weight, eps=1e-6)          # qkv of a pre-norm block
     >>> y = linear(act, w_down, residual=h)                           # down projection + residual

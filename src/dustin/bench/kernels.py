@@ -111,7 +111,7 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
                                   reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
     score = {f"splits{n}-bn{bn}-w{w}-s{st}": (lambda n=n, bn=bn, w=w, st=st: score_positions(
         q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, check=False))
-        for n in (None, 32) for bn, w, st in ((64, 4, 4), (128, 4, 3))}
+        for n in (None, 16, 32) for bn, w, st in ((64, 4, 4), (64, 4, 6), (128, 4, 3))}
     out["score_best_config"], out["score_best_s"], out["score_variants_s"] = _best(score)
     out["score_config"] = "splitsNone-bn64-w4-s4"  # score_positions' defaults
     out["score_s"] = _default(out["score_variants_s"], out["score_config"])
