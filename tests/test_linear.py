@@ -58,6 +58,18 @@ def test_plans_by_kind_of_projection():
     assert choose(1152, 896) == Plan()  # a small one: the plain plan
 
 
+def test_bench_sweep_holds_every_planned_draft_projection():
+    """bench linear reports each projection's planned time from its sweep: the sweep must hold the plan."""
+    from dustin.bench.linear import DRAFT_SHAPES, VARIANTS, _layers
+    from dustin.linear import choose
+
+    for shape in DRAFT_SHAPES:
+        for name, spec in _layers(shape, "cpu", torch.float32, torch.Generator().manual_seed(0)).items():
+            n2, k = spec["shape"]
+            silu = spec.get("silu", False)
+            assert choose(n2 // 2 if silu else n2, k, silu=silu) in VARIANTS.values(), (shape, name)
+
+
 def test_linear_keeps_leading_dims_and_refuses_bad_input():
     x = torch.randn(2, 3, 32, device=DEV, dtype=DTYPE)
     w = torch.randn(16, 32, device=DEV, dtype=DTYPE)

@@ -19,7 +19,6 @@ LINEAR_BACKENDS = {
 }
 
 
-
 def resolve_linear_backend(name: str, dim: int) -> str:
     """`LINEAR_BACKENDS` name -> the backend a model of hidden size `dim` runs ("auto" resolved)."""
     if name not in LINEAR_BACKENDS:

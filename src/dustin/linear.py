@@ -265,7 +265,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            num_stages: int | None = None, check: bool = True) -> torch.Tensor:
     """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
     dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`.
-    The tiling arguments override `plan`'s choice.
+    Any tiling argument given replaces the planned tiling (`plan`).
 
     Under PDL (`dustin.pdl`) the kernel reads its first weight tile before the previous kernel has
     finished: `weight` must not be an output of the kernel launched just before (a parameter never is)."""

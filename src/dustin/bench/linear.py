@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import fused as fused_ops
+from ..errors import DustinError
 from ..linear import Plan, choose, linear, linear_reference, use_plans
 from ..loading import random_model
 from ..shapes import get_shape
@@ -136,7 +137,8 @@ def summarise(case: dict, bw: float) -> dict:
         r["fused_planned"] = next((key for key, p in VARIANTS.items() if p == planned), None)
         for key in ("plain", r["fused_planned"]):
             if key not in ok:
-                raise RuntimeError(f"{case['shape']} {name}: plan {key} failed or erred: {times.get(key)}")
+                raise DustinError(f"{case['shape']} {name}: the fused kernel's plan {key} failed or missed the "
+                                  f"reference: {times.get(key)}, error {r['rel_err'].get(key)}")
         r.update(fused_plain_s=ok["plain"], fused_planned_s=ok[r["fused_planned"]], fused_best=min(ok, key=ok.get),
                  fused_best_s=min(ok.values()))
     for key in ("cublas", "fused_plain", "fused_planned", "fused_best"):
@@ -190,7 +192,7 @@ def table(record: dict) -> str:
 
 
 def plot(record: dict, path) -> None:
-    """Per-block time of the four projections (cuBLAS path, fused default, fused best) with the floor."""
+    """Per-block time of the four projections (cuBLAS path, fused as planned, fused best) with the floor."""
     import matplotlib
 
     matplotlib.use("Agg")
