@@ -192,6 +192,11 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
+def row_block(rows: int) -> int:
+    """The row block a launch of `rows` rows uses: plans are keyed by it (`use_plans`)."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
 class Plan(NamedTuple):
     """How `linear` tiles one projection: output columns and depth per program, splits of K (None:
     about two programs per SM), `swap` (accumulate out^T, so the weight's columns fill the MMA's long
@@ -295,7 +300,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     res2 = residual.reshape(-1, N).contiguous() if residual is not None else x2
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     out2 = out.view(-1, N)
-    block_m = max(16, triton.next_power_of_2(M))
+    block_m = row_block(M)
     p = plan(N, K, triton.cdiv(M, block_m), x.device, silu=silu, block_m=block_m, block_n=block_n, block_k=block_k,
              splits=splits, swap=swap, num_warps=num_warps, num_stages=num_stages)
     bn, bk = p.block_n, p.block_k

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import fused as fused_ops
 from ..errors import DustinError
-from ..linear import Plan, choose, linear, linear_reference, use_plans
+from ..linear import Plan, choose, linear, linear_reference, row_block, use_plans
 from ..loading import random_model
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
@@ -123,17 +123,13 @@ def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int
     return out
 
 
-def _block_m(rows: int) -> int:
-    return max(16, 1 << (rows - 1).bit_length())
-
-
 def summarise(case: dict, bw: float) -> dict:
     """A case's derived figures from its measured variants: per projection the plain, planned
     (`linear.choose`) and best plan (a variant within 2e-2 of the reference), and their sums per block."""
     for name, r in case["layers"].items():
         times = r["fused_variants_s"]
         ok = {key: v for key, v in times.items() if isinstance(v, float) and r["rel_err"].get(key, 1.0) < 2e-2}
-        planned = choose(r["n"], r["k"], silu=name == "gate_up", block_m=_block_m(case["rows"]))
+        planned = choose(r["n"], r["k"], silu=name == "gate_up", block_m=row_block(case["rows"]))
         r["fused_planned"] = next((key for key, p in VARIANTS.items() if p == planned), None)
         for key in ("plain", r["fused_planned"]):
             if key not in ok:
@@ -157,7 +153,7 @@ def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=
         for m in rows:
             c = summarise({"shape": shape, "rows": m, "context": context, "budget": budget,
                            "layers": bench_projections(shape, m)}, bw)
-            best = {(r["n"], r["k"], name == "gate_up", _block_m(m)): VARIANTS[r["fused_best"]]
+            best = {(r["n"], r["k"], name == "gate_up", row_block(m)): VARIANTS[r["fused_best"]]
                     for name, r in c["layers"].items()}
             c["pass_s"] = bench_passes(shape, m, best, context=context, budget=budget)
             cases.append(c)
