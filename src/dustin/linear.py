@@ -41,7 +41,7 @@ try:
 except ImportError:  # CPU-only installs run the reference
     triton = None
 else:
-    from .pdl import wait_for_inputs, warm_l2
+    from .pdl import wait_for_inputs
 
 MAX_ROWS = 64  # beyond this cuBLAS's tiling wins; the model routes larger passes there
 
@@ -67,8 +67,7 @@ if triton is not None:
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                       EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr, LINE: tl.constexpr,
-                       WARM: tl.constexpr, PDL: tl.constexpr):
+                       EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -86,8 +85,6 @@ if triton is not None:
         ss = tl.zeros([BLOCK_M], tl.float32)
         k_lo = split * k_per
         k_hi = tl.minimum(k_lo + k_per, K)
-        if WARM:
-            _warm_weight(W, cols, N, k_lo, k_hi, K, s_wn, SILU, BLOCK_K, LINE)
         # no kernel writes the weights: the first tile loads while the kernel before this one finishes
         w, w_up = _weight_tile(W, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K)
         wait_for_inputs(PDL)
@@ -130,19 +127,6 @@ if triton is not None:
         else:
             _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
                       NORM, SILU, RESIDUAL, HAS_BIAS)
-
-    @triton.jit
-    def _warm_weight(W, cols, N, k_lo, k_hi, K, s_wn, SILU: tl.constexpr, BLOCK_K: tl.constexpr, LINE: tl.constexpr):
-        """Ask L2 for this program's whole weight slice, one request per `LINE`-element (128-byte) line,
-        before the wait: a few-row projection is bound by memory latency, and its loop then reads L2
-        while the kernel before it is still running."""
-        rows = tl.minimum(cols, N - 1)[:, None] * s_wn
-        lines = tl.arange(0, BLOCK_K // LINE) * LINE
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            at = rows + tl.minimum(k0 + lines, K - 1)[None, :]
-            warm_l2(W + at)
-            if SILU:
-                warm_l2(W + N * s_wn + at)
 
     @triton.jit
     def _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU: tl.constexpr, EVEN_K: tl.constexpr):
@@ -324,9 +308,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     splits = triton.cdiv(K, k_per)  # no empty split
     grid = (triton.cdiv(N, bn), splits, triton.cdiv(M, block_m))
     part_acc = part_ss = counter = out2
-    line = 128 // x.element_size()
-    opts = pdl.options(x.device, warm=True)
-    opts["WARM"] = opts["WARM"] and bk >= line
     if splits > 1:
         tiles = grid[0] * grid[2]
         part_acc = torch.empty(tiles * splits * 2 * block_m * bn, device=x.device, dtype=torch.float32)
@@ -337,6 +318,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
-        SWAP=p.swap, PRECISION=dot_precision(x.dtype), LINE=line, **opts, num_warps=p.num_warps,
-        num_stages=p.num_stages)
+        SWAP=p.swap, PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
+        num_warps=p.num_warps, num_stages=p.num_stages)
     return out

@@ -34,7 +34,6 @@ except ImportError:  # CPU-only installs never launch kernels
     triton = None
 
 _enabled = os.environ.get("DUSTIN_PDL", "1") != "0"
-_warm = os.environ.get("DUSTIN_WARM_L2", "1") != "0"
 
 
 def set_enabled(flag: bool) -> None:
@@ -49,16 +48,6 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def set_warm(flag: bool) -> None:
-    """Turn L2 warming on or off (the default is on; `DUSTIN_WARM_L2=0` starts it off). Recapture after."""
-    global _warm
-    _warm = bool(flag)
-
-
-def is_warm() -> bool:
-    return _warm
-
-
 @functools.lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
     """Compute capability 9+, compiled (the interpreter has no grid dependency control), by a Triton
@@ -70,16 +59,13 @@ def _supported(device_index: int) -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(tl_cuda, "gdc_wait")
 
 
-def options(device: torch.device, *, warm: bool = False) -> dict:
+def options(device: torch.device) -> dict:
     """Launch options for a kernel with a `PDL` constexpr: `PDL` and `launch_pdl` on where supported
-    while enabled; else `PDL` off alone (an older Triton refuses `launch_pdl` even when false). With
-    `warm`, for a kernel that also takes a `WARM` constexpr: whether it warms L2 before its wait."""
-    on = _enabled and triton is not None and device.type == "cuda" and _supported(
-        device.index if device.index is not None else torch.cuda.current_device())
-    opts = {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
-    if warm:
-        opts["WARM"] = on and _warm
-    return opts
+    while enabled; else `PDL` off alone (an older Triton refuses `launch_pdl` even when false)."""
+    if _enabled and triton is not None and device.type == "cuda" and _supported(
+            device.index if device.index is not None else torch.cuda.current_device()):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 if triton is not None:
@@ -90,12 +76,3 @@ if triton is not None:
         if PDL:
             tl_cuda.gdc_wait()
             tl_cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def warm_l2(ptrs):
-        """Ask L2 for the 128-byte lines holding `ptrs` and go on without waiting for them.
-
-        A prefetch returns nothing to the program, so it is safe on memory the previous kernel is still
-        writing: L2 is where the GPU's writes meet, and the reads after the wait see them."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .. import pdl, scratch
 from ..errors import DustinError
-from ..pdl import wait_for_inputs, warm_l2
+from ..pdl import wait_for_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -76,15 +76,10 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
                  FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
-                 LINE: tl.constexpr, WARM: tl.constexpr, PDL: tl.constexpr):
+                 PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
-    if WARM and SPARSE:
-        _warm_index_set(Idx + b * s_ib + h * s_ih, k_base, v_base, s_ks, s_vs, n_budget, n_cache, split,
-                        N_SPLITS, BLOCK_N, D, LINE)
     wait_for_inputs(PDL)
     L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
@@ -97,6 +92,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                     row_ok[:, None], D).to(K.dtype.element_ty)
     else:
         q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -176,25 +173,6 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
                        T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
-
-
-@triton.jit
-def _warm_index_set(idx_ptr, k_base, v_base, s_ks, s_vs, n_budget, n_cache, split, N_SPLITS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, D: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the keys and values of this program's split of the index set, before the wait.
-
-    A gathered read is a chain of latencies (position, then key, then value); this takes the memory
-    latency out of it while the kernel before is still running. The positions may be stale here (the
-    kernel before could be writing them): that only misplaces a prefetch, and the reads after the wait
-    load them again."""
-    lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
-    lines = tl.arange(0, D // LINE) * LINE
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        pos = tl.load(idx_ptr + offs, mask=offs < hi, other=0)
-        pos = tl.minimum(tl.maximum(pos, 0), n_cache - 1)
-        warm_l2(k_base + pos[:, None] * s_ks + lines[None, :])
-        warm_l2(v_base + pos[:, None] * s_vs + lines[None, :])
 
 
 @triton.jit
@@ -378,9 +356,6 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         part_lse = torch.empty(units * n_splits * block_m, device=q.device, dtype=torch.float32)
     fuse = fuse_combine and n_splits > 1
     counter = semaphores(q.device, units) if fuse else seq_lens
-    line = 128 // q.element_size()
-    opts = pdl.options(q.device, warm=True)
-    opts["WARM"] = opts["WARM"] and sparse and D >= line
     _attn_kernel[(units, n_splits)](
         q, k_cache, v_cache, seq_lens, idx, out, part_o, part_lse, counter, cos, sin, pos,
         *s_q, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -388,7 +363,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
-        PRECISION=dot_precision(q.dtype), LINE=line, **opts,
+        PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,

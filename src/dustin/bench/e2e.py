@@ -42,8 +42,6 @@ METHODS = {
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
     # the same step with every kernel launched the usual way (`dustin.pdl`), side by side
     "dustin+draft-selected+no-pdl": dict(method="dustin", draft_kv="selected", pdl=False),
-    # ... and with PDL but no L2 warming before each kernel's wait (`dustin.pdl.warm_l2`)
-    "dustin+draft-selected+no-warm": dict(method="dustin", draft_kv="selected", warm=False),
 }
 SLACK = 64
 
@@ -129,17 +127,15 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
                  profile: bool = False) -> dict:
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
-    was, was_warm = pdl.is_enabled(), pdl.is_warm()
+    was = pdl.is_enabled()
     pdl.set_enabled(spec.pop("pdl", True) and was)
-    pdl.set_warm(spec.pop("warm", True) and was_warm)
     try:
-        opts = pdl.options(target.device, warm=True)
+        on = pdl.options(target.device)["PDL"]
         out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                      draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:
         pdl.set_enabled(was)
-        pdl.set_warm(was_warm)
-    out["pdl"], out["warm_l2"] = opts["PDL"], opts["WARM"]
+    out["pdl"] = on
     return out
 
 
