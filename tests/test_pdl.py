@@ -7,6 +7,8 @@ from conftest import rel_err
 
 pytest.importorskip("triton")
 from dustin import pdl  # noqa: E402
+from dustin.attention import reference  # noqa: E402
+from dustin.attention.decode import sparse_attention  # noqa: E402
 from dustin.bench.e2e import METHODS  # noqa: E402
 from dustin.config import SpecConfig  # noqa: E402
 from dustin.fused import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
@@ -39,7 +41,8 @@ def test_no_pdl_bench_variant_is_the_default_step_with_plain_launches():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL needs a CUDA device")
 @pytest.mark.parametrize("on", [True, False])
 def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
-    """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows."""
+    """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows. The
+    index set changes between replays, so a gathered read from before the wait would show too."""
     pdl.set_enabled(on)
     g = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
@@ -47,11 +50,20 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     w1 = torch.randn(1152, 896, device=dev, dtype=dt, generator=g) / 30
     w2 = torch.randn(896, 1152, device=dev, dtype=dt, generator=g) / 30
     norm = torch.rand(896, device=dev, dtype=dt, generator=g) + 0.5
+    k_cache = torch.randn(16, 2, 301, 64, device=dev, dtype=dt, generator=g)
+    v_cache = torch.randn(16, 2, 301, 64, device=dev, dtype=dt, generator=g)
+    seq_lens = torch.randint(200, 300, (16,), device=dev, dtype=torch.int32, generator=g)
+    indices = torch.zeros(16, 2, 100, device=dev, dtype=torch.int32)
+
+    def attend(h, attention):
+        q = h[:, :896].reshape(16, 14, 1, 64)
+        return attention(q, k_cache, v_cache, seq_lens, indices).reshape(16, 896)
 
     def chain(x):
         h = linear(x, w1, norm_weight=norm, check=False)
-        y = linear(h, w2, residual=x, check=False)
-        out, _ = add_rmsnorm(y, x, norm, 1e-6)  # reads what the linear kernel just wrote
+        a = attend(h, lambda *t: sparse_attention(*t, check=False))  # reads what the linear kernel just wrote
+        y = linear(torch.cat([a, h[:, 896:]], -1), w2, residual=x, check=False)
+        out, _ = add_rmsnorm(y, x, norm, 1e-6)
         return out
 
     chain(x)  # compile outside the capture
@@ -60,7 +72,8 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
         out = chain(x)
     for _ in range(3):
         x.copy_(torch.randn(x.shape, device=dev, dtype=dt, generator=g))
+        indices.copy_(torch.randint(-5, 310, indices.shape, device=dev, dtype=torch.int32, generator=g))
         graph.replay()
-        expect = add_rmsnorm_reference(linear_reference(linear_reference(x, w1, norm_weight=norm), w2, residual=x),
-                                       x, norm, 1e-6)[0]
-        assert rel_err(out, expect) < 2e-2
+        h = linear_reference(x, w1, norm_weight=norm)
+        y = linear_reference(torch.cat([attend(h, reference.sparse_attention), h[:, 896:]], -1), w2, residual=x)
+        assert rel_err(out, add_rmsnorm_reference(y, x, norm, 1e-6)[0]) < 2e-2
