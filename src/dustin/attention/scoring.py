@@ -30,8 +30,8 @@ from .decode import LOG2E, dot_precision, plan_splits, split_range
 
 
 @triton.jit
-def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupOff, Logits, TileMax, PartM, PartL,
-                   s_qb, s_qh, s_qt, s_kb, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
+def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupLayer, GroupKv, Logits, TileMax, PartM, PartL,
+                   s_qb, s_qh, s_qt, s_kl, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
                    T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -39,7 +39,8 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupOff, Logits, TileMax, PartM, 
     b = (pid // n_groups).to(tl.int64)  # b * batch stride can pass 2^31 elements
     grp = pid % n_groups
     # the group tables are made once and never written: they load before the wait
-    k_off = tl.load(GroupOff + grp)  # the group's layer and KV head, as an element offset into K
+    layer = tl.load(GroupLayer + grp).to(tl.int64)
+    kvh = tl.load(GroupKv + grp)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
     head = tl.load(GroupHeads + grp * HG + rows // T, mask=rows < HG * T, other=-1)
@@ -49,7 +50,8 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupOff, Logits, TileMax, PartM, 
     d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
     lo, hi = split_range(L + T, split, N_SPLITS, BLOCK_N)
-    k_base = K + b * s_kb + k_off
+    # offsets as multiples of the strides: the compiler keeps their alignment and vectorises the loads
+    k_base = K + layer * s_kl + b * s_kb + kvh * s_kh
     l_base = Logits + b * s_lb
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -115,16 +117,18 @@ def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
 
 
 @lru_cache(maxsize=64)
-def _groups(offsets: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen heads grouped by the keys they read (`offsets[i]`: head i's layer and KV head as an element
-    offset into the cache), as device tables made once (no copies inside a captured graph):
-    `[n_groups, max heads per group]` head numbers (-1 padded) and `[n_groups]` int64 offsets."""
-    by_kv: dict[int, list[int]] = {}
-    for i, off in enumerate(offsets):
-        by_kv.setdefault(off, []).append(i)
+def _groups(keys: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Chosen heads grouped by the keys they read (`keys[i]`: head i's layer and KV head), as device
+    tables made once (no copies inside a captured graph): `[n_groups, max heads per group]` head numbers
+    (-1 padded), and `[n_groups]` layers and KV heads."""
+    by_kv: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        by_kv.setdefault(key, []).append(i)
     hg = max(len(g) for g in by_kv.values())
     table = torch.tensor([g + [-1] * (hg - len(g)) for g in by_kv.values()], dtype=torch.int32, device=device)
-    return table, torch.tensor(list(by_kv), dtype=torch.int64, device=device)
+    layers, kvs = zip(*by_kv)
+    return (table, torch.tensor(layers, dtype=torch.int32, device=device),
+            torch.tensor(kvs, dtype=torch.int32, device=device))
 
 
 def _as_ints(heads) -> list[int]:
@@ -172,8 +176,8 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
         if k_cache.dim() != 4:
             raise DustinError(f"k_cache must be [B, Hkv, S, D], got {tuple(k_cache.shape)}")
         _check_queries(q, k_cache, seq_lens, kv_heads, k_cache.shape[1])
-    offsets = tuple(kv * k_cache.stride(1) for kv in kv_heads)
-    return _launch(q, k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.shape[2], offsets, seq_lens, out=out,
+    return _launch(q, k_cache, (0, *k_cache.stride()[:3]), k_cache.shape[2], tuple((0, kv) for kv in kv_heads),
+                   seq_lens, out=out,
                    sum_queries=sum_queries, n_splits=n_splits, block_n=block_n, num_warps=num_warps,
                    num_stages=num_stages, check=check)
 
@@ -198,20 +202,19 @@ def score_layers(qs: list[torch.Tensor], k: torch.Tensor, layers: list[int], seq
             raise DustinError(f"every layer's q needs one [B, *, T, D] shape, got {[tuple(q.shape) for q in qs]}")
         for q, heads in zip(qs, kv_heads):
             _check_queries(q, k, seq_lens, heads, k.shape[2])
-    offsets = tuple(layer * k.stride(0) + kv * k.stride(2) for layer, heads in zip(layers, kv_heads) for kv in heads)
+    keys = tuple((layer, kv) for layer, heads in zip(layers, kv_heads) for kv in heads)
     q = qs[0] if len(qs) == 1 else torch.cat(qs, 1)
-    return _launch(q, k, k.stride(1), k.stride(3), k.shape[3], offsets, seq_lens, out=out, sum_queries=sum_queries,
-                   check=check)
+    return _launch(q, k, k.stride()[:4], k.shape[3], keys, seq_lens, out=out, sum_queries=sum_queries, check=check)
 
 
-def _launch(q, K, s_kb, s_ks, S, offsets, seq_lens, *, out, sum_queries, check, n_splits=None, block_n=None,
+def _launch(q, K, strides, S, keys, seq_lens, *, out, sum_queries, check, n_splits=None, block_n=None,
             num_warps=None, num_stages=4) -> torch.Tensor:
-    """The two launches over cache `K` (its batch and position strides `s_kb`, `s_ks`; `S` positions),
-    each chosen head of `q` reading the keys at element offset `offsets[head]`."""
+    """The two launches over cache `K` (`strides`: of its layer, batch, KV head and position; `S`
+    positions), each chosen head `i` of `q` reading the keys of layer and KV head `keys[i]`."""
     B, H, T, D = q.shape
     if check:
         _check_out(out, (B, S) if sum_queries else (B, T, S), q.device)
-    table, offs = _groups(offsets, q.device)
+    table, layer_of, kv_of = _groups(keys, q.device)
     n_groups, hg = table.shape
     block_m = max(16, triton.next_power_of_2(hg * T))
     num_warps = num_warps or (8 if hg * T > 8 else 4)
@@ -225,8 +228,8 @@ def _launch(q, K, s_kb, s_ks, S, offsets, seq_lens, *, out, sum_queries, check, 
     part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     _logits_kernel[(B * n_groups, n_splits)](
-        q, K, seq_lens, table, offs, logits, tile_max, part_m, part_l,
-        q.stride(0), q.stride(1), q.stride(2), s_kb, s_ks,
+        q, K, seq_lens, table, layer_of, kv_of, logits, tile_max, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), *strides,
         logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
         T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, PRECISION=dot_precision(q.dtype),
         **pdl.options(q.device), num_warps=num_warps, num_stages=num_stages)
