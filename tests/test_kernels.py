@@ -8,7 +8,7 @@ from dustin.attention import reference
 
 triton = pytest.importorskip("triton")
 from dustin.attention.decode import decode_attention, sparse_attention  # noqa: E402
-from dustin.attention.scoring import score_layers, score_positions  # noqa: E402
+from dustin.attention.scoring import score_positions  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32, torch.float16]
@@ -158,52 +158,6 @@ def test_score_positions_matches_reference(kv_heads, T):
         into = base.clone()
         assert score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32) is into
         assert (into - base - expect).abs().max() < 1e-3 * len(kv_heads)
-
-
-@pytest.mark.parametrize("T", [1, 4])
-def test_score_layers_sums_the_layers_in_one_call(T):
-    """Three layers' chosen heads (one layer with heads of two KV groups) scored in one launch pair equal
-    the reference summed over layers, per query or summed over the queries too, fresh or added."""
-    B, n_layers, hkv, D, lens = 2, 5, 3, 32, [77, 140]
-    S = max(lens) + T + 6
-    dtype = DTYPES[0]
-    g = torch.Generator(device=DEV).manual_seed(3)
-    k = torch.randn(n_layers, B, hkv, S, D, device=DEV, generator=g).to(dtype)
-    layers, kv_heads = [4, 1, 2], [[0, 0], [2, 1, 2], [1]]
-    qs = [torch.randn(B, len(h), T, D, device=DEV, generator=g).to(dtype) for h in kv_heads]
-    sl = torch.tensor(lens, device=DEV, dtype=torch.int32)
-    expect = sum(ref(reference.position_scores, q, k[layer], sl, torch.tensor(h, device=DEV))
-                 for q, layer, h in zip(qs, layers, kv_heads))
-    out = score_layers(qs, k, layers, sl, kv_heads)
-    assert out.shape == (B, T, S) and (out - expect).abs().max() < 1e-3 * 6
-    summed = score_layers(qs, k, layers, sl, kv_heads, sum_queries=True)
-    assert summed.shape == (B, S) and (summed - expect.sum(1)).abs().max() < 1e-3 * 6 * T
-    # added into a slice of a wider buffer, as a policy writes its lookahead row
-    wide = torch.rand(B, S + 7, device=DEV)
-    base = wide.clone()
-    score_layers(qs, k, layers, sl, kv_heads, sum_queries=True, out=wide[:, :S])
-    assert (wide[:, :S] - base[:, :S] - expect.sum(1)).abs().max() < 1e-3 * 6 * T
-    assert torch.equal(wide[:, S:], base[:, S:])
-    # and the dispatcher's torch path agrees
-    from dustin import attention
-
-    torch_path = attention.score_layers([q.float() for q in qs], k.float(), layers, sl, kv_heads, sum_queries=True)
-    assert (torch_path - expect.sum(1)).abs().max() < 1e-4
-
-
-def test_score_layers_refuses_bad_input():
-    q, k, _, sl = make(2, 2, 2, 1, 32, 50, [10, 20], DTYPES[0])
-    cache = torch.stack([k, k])
-    with pytest.raises(DustinError, match="distinct and below 2"):
-        score_layers([q, q], cache, [0, 2], sl, [[0, 1], [0, 1]])
-    with pytest.raises(DustinError, match="one q and KV head list per layer"):
-        score_layers([q], cache, [0, 1], sl, [[0, 1]])
-    with pytest.raises(DustinError, match="one q and KV head list per layer"):
-        score_layers([q], k, [0], sl, [[0, 1]])
-    with pytest.raises(DustinError, match="out of range"):
-        score_layers([q], cache, [1], sl, [[0, 2]])
-    with pytest.raises(DustinError, match=r"out must be float32 \(2, 50\)"):
-        score_layers([q], cache, [1], sl, [[0, 1]], sum_queries=True, out=torch.zeros(2, 1, 50, device=DEV))
 
 
 def test_bad_input_is_refused():

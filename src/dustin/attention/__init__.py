@@ -82,26 +82,3 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_hea
         return scoring.score_positions(q, k_cache, seq_lens, kv_heads, out=out, check=False)
     s = reference.position_scores(q, k_cache, seq_lens, kv_heads)
     return s if out is None else out.add_(s)
-
-
-def score_layers(qs: list[torch.Tensor], k: torch.Tensor, layers: list[int], seq_lens: torch.Tensor, kv_heads, *,
-                 backend: str = "torch", out: torch.Tensor | None = None, sum_queries: bool = False) -> torch.Tensor:
-    """`score` over the chosen heads of several layers, summed over the layers (and the queries with
-    `sum_queries`).
-
-    qs: per layer `[B, h_l, T, D]`; k: the whole cache `[n_layers, B, Hkv, S, D]`; layers: the layer of
-    each query tensor; kv_heads: per layer, the KV head of each chosen head. Returns `[B, T, S]`, or
-    `[B, S]` with `sum_queries`; with `out`, adds into it and returns it.
-    """
-    if backend == "triton":
-        from . import scoring
-
-        return scoring.score_layers(qs, k, layers, seq_lens, kv_heads, out=out, sum_queries=sum_queries,
-                                    check=False)
-    total = None
-    for q, layer, heads in zip(qs, layers, kv_heads):
-        s = reference.position_scores(q, k[layer], seq_lens, torch.as_tensor(heads, device=q.device))
-        total = s if total is None else total + s
-    if sum_queries:
-        total = total.sum(1)
-    return total if out is None else out.add_(total)

@@ -333,8 +333,11 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     block_m = max(16, triton.next_power_of_2(GP * T))
     sparse = indices is not None
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
-    if block_n is None:  # the H200 sweep found no gain in reading a split in one larger tile
-        block_n = 64 if D >= 128 or sparse else 128
+    if block_n is None:
+        # the whole cache: the H200 sweep found no gain in larger tiles. An index set at head dim 128 in
+        # 128-key tiles: fewer gathered rounds (72B shape, batch 16: 14.4 us against 15.6 for 64-key tiles,
+        # benchmarks/gpu/kernels-72b); 256 would not fit three stages of them in shared memory
+        block_n = (128 if D == 128 else 64) if sparse else (64 if D >= 128 else 128)
     if n_splits is None:
         n_splits = (plan_sparse_splits(units, block_m, n_keys, block_n, q.device) if sparse
                     else plan_splits(B, Hkv, n_keys, q.device))

@@ -24,17 +24,17 @@ def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
     return [h // model.args.group_size for h in heads]
 
 
-def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None, *,
-                sum_queries: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers
-    (`[B, S]`, summed over the queries too, with `sum_queries`; added into `out` when given).
+def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers.
 
     Query `t` sees positions `<= seq_lens[b] + t` (default: the model's committed lengths)."""
-    layers = list(capture.q)
-    return attention.score_layers([capture.q[layer] for layer in layers], model.cache.k, layers,
-                                  model.seq_lens if seq_lens is None else seq_lens,
-                                  [kv_heads_of(model, capture.heads[layer]) for layer in layers],
-                                  backend=model.attention_backend, out=out, sum_queries=sum_queries)
+    total = None
+    backend = model.attention_backend
+    lens = model.seq_lens if seq_lens is None else seq_lens
+    for layer, q in capture.q.items():  # the later layers add into the first one's scores
+        total = attention.score(q, model.cache.k[layer], lens, kv_heads_of(model, capture.heads[layer]),
+                                backend=backend, out=total)
+    return total
 
 
 class Policy:
@@ -148,13 +148,10 @@ class Dustin(Policy):
         if not self._look_q:
             return
         q = {layer: torch.cat(qs, 2) if len(qs) > 1 else qs[0] for layer, qs in self._look_q.items()}
-        look = QueryCapture(self._draft_capture.heads, q)
-        S = self._draft.cache.k.shape[3]
-        if S <= self.s_D.shape[1]:  # straight into s_D: one launch pair for every layer and query
-            self.s_D.zero_()
-            score_heads(self._draft, look, self._look_start, sum_queries=True, out=self.s_D[:, :S])
-        else:
-            self.s_D.copy_(score_heads(self._draft, look, self._look_start, sum_queries=True)[:, : self.s_D.shape[1]])
+        scores = score_heads(self._draft, QueryCapture(self._draft_capture.heads, q), self._look_start).sum(1)
+        n = min(scores.shape[1], self.s_D.shape[1])
+        self.s_D[:, :n] = scores[:, :n]
+        self.s_D[:, n:].zero_()
 
     def target_capture(self):
         return self._target_capture
@@ -209,8 +206,7 @@ class Dustin(Policy):
         if capture is None or not capture.q:
             return
         if self.step_probs is None:  # "last" without a guard: score only the last committed token's query
-            fresh = score_heads(target, capture.at(n_acc[:, None]), target.seq_lens.long() + n_acc.long(),
-                                sum_queries=True)
+            fresh = score_heads(target, capture.at(n_acc[:, None]), target.seq_lens.long() + n_acc.long())[:, 0]
         else:
             probs = self.step_probs  # [B, T, S]
             T = probs.shape[1]

@@ -19,9 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
 from ..errors import DustinError
-from ..pdl import wait_for_inputs
 from ..scratch import zeros as scratch_zeros
 
 FLOAT_MIN = torch.finfo(torch.float32).min
@@ -29,13 +27,11 @@ FLOAT_MIN = torch.finfo(torch.float32).min
 
 @triton.jit
 def _mask_kernel(History, Lookahead, Lens, Out, B, S, s_hb, s_lb,
-                 N_SINK: tl.constexpr, N_RECENT: tl.constexpr, BLOCK: tl.constexpr, FILL: tl.constexpr,
-                 PDL: tl.constexpr):
+                 N_SINK: tl.constexpr, N_RECENT: tl.constexpr, BLOCK: tl.constexpr, FILL: tl.constexpr):
     """History, Lookahead: `[B, S]` rows `s_hb` / `s_lb` apart; Lens: `[B]`; Out: `[2 B, S]` float32."""
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = j < S
-    wait_for_inputs(PDL)
     L = tl.load(Lens + b).to(tl.int64)
     blocked = (j < N_SINK) | (j >= L - N_RECENT)  # sinks, the recent window, and past the length
     look = tl.load(Lookahead + b * s_lb + j, mask=in_row, other=0.0).to(tl.float32)
@@ -47,11 +43,10 @@ def _mask_kernel(History, Lookahead, Lens, Out, B, S, s_hb, s_lb,
 @triton.jit
 def _merge_kernel(Top, M, Lens, Flags, Out, B, S, rest, s_ob, budget,
                   N_SINK: tl.constexpr, N_RECENT: tl.constexpr, RP: tl.constexpr, SP: tl.constexpr,
-                  RECP: tl.constexpr, BP: tl.constexpr, PDL: tl.constexpr):
+                  RECP: tl.constexpr, BP: tl.constexpr):
     """Top: `[2 B, rest]` int64 ranked picks (lookahead rows, then history rows); M, Lens: `[B]`; Flags:
     `[B, S]` int8, zero; Out: `[B, budget]` int64, rows `s_ob` apart."""
     b = tl.program_id(0)
-    wait_for_inputs(PDL)
     L = tl.load(Lens + b).to(tl.int64)
     m = tl.minimum(tl.maximum(tl.load(M + b).to(tl.int64), 0), rest)
     full = L < budget  # shorter than the budget: read 0..budget-1, whatever the scores say
@@ -122,7 +117,7 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     seq_lens = seq_lens.contiguous()
     _mask_kernel[(B, triton.cdiv(S, block))](history, lookahead, seq_lens, scores, B, S, history.stride(0),
                                              lookahead.stride(0), N_SINK=n_sink, N_RECENT=n_recent, BLOCK=block,
-                                             FILL=FLOAT_MIN, **pdl.options(dev))
+                                             FILL=FLOAT_MIN)
     # row b ranks the lookahead of sequence b, row B + b its history, as `Candidates.rank` stacks them
     top = scores.topk(rest, dim=1).indices
     out = torch.empty(B, budget, device=dev, dtype=torch.long)
@@ -131,5 +126,5 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
     _merge_kernel[(B,)](top, m.contiguous(), seq_lens, flags, out, B, S, rest, out.stride(0), budget,
                         N_SINK=n_sink, N_RECENT=n_recent, RP=triton.next_power_of_2(rest),
                         SP=triton.next_power_of_2(max(n_sink, 1)), RECP=triton.next_power_of_2(max(n_recent, 1)),
-                        BP=triton.next_power_of_2(budget), **pdl.options(dev), num_warps=8)
+                        BP=triton.next_power_of_2(budget), num_warps=8)
     return out
