@@ -133,6 +133,18 @@ def test_sparse_attention_rope_refuses_bad_input():
         sparse_attention_rope(qkv, cs, cs, pos, k, k.clone(), sl, idx.float(), hq)
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_sparse_attention_default_plan_matches_reference(D):
+    """The tiling and splits the engine runs with when it passes none: 64-key tiles, 128 at head dim 128,
+    over a ragged set (300 entries: two whole 128-key tiles and a part)."""
+    B, hq, hkv, T, lens = 3, 8, 2, 5, [1, 290, 301]
+    q, k, v, sl = make(B, hq, hkv, T, D, max(lens) + T + 4, lens, DTYPES[0])
+    g = torch.Generator(device=DEV).manual_seed(2)
+    idx = torch.stack([torch.randperm(max(lens), generator=g, device=DEV)[:300] for _ in range(B)]).sort(1).values
+    out = sparse_attention(q, k, v, sl, idx.to(torch.int32).contiguous())
+    assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[DTYPES[0]]
+
+
 def test_sparse_over_every_entry_equals_dense():
     q, k, v, sl = make(3, 8, 2, 5, 64, 140, [100, 37, 128], DTYPES[0])
     idx = torch.arange(130, device=DEV, dtype=torch.int32)[None].expand(3, -1).contiguous()
