@@ -335,7 +335,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
     if block_n is None:
         # the whole cache: the H200 sweep found no gain in larger tiles. An index set at head dim 128 in
-        # 128-key tiles: fewer gathered rounds (72B shape, batch 16: 14.4 us against 15.6 for 64-key tiles,
+        # 128-key tiles: fewer gathered rounds (72B shape, batch 16: 14.5 us against 15.1 for 64-key tiles,
         # benchmarks/gpu/kernels-72b); 256 would not fit three stages of them in shared memory
         block_n = (128 if D == 128 else 64) if sparse else (64 if D >= 128 else 128)
     if n_splits is None:
