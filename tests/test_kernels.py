@@ -145,6 +145,22 @@ def test_sparse_attention_default_plan_matches_reference(D):
     assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[DTYPES[0]]
 
 
+def test_sparse_tiles_can_be_overridden_for_a_block():
+    from dustin.attention.decode import default_tile, use_sparse_tiles
+
+    assert (default_tile(128, True), default_tile(64, True), default_tile(128, False)) == (128, 64, 64)
+    with use_sparse_tiles(32):
+        assert default_tile(128, True) == 32 and default_tile(128, False) == 64
+        q, k, v, sl = make(2, 4, 2, 3, 128, 80, [40, 70], DTYPES[0])
+        idx = torch.arange(60, device=DEV, dtype=torch.int32)[None].expand(2, -1).contiguous()
+        out = sparse_attention(q, k, v, sl, idx)
+        assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[DTYPES[0]]
+    assert default_tile(128, True) == 128
+    with pytest.raises(DustinError, match="power of two"):
+        with use_sparse_tiles(48):
+            pass
+
+
 def test_sparse_over_every_entry_equals_dense():
     q, k, v, sl = make(3, 8, 2, 5, 64, 140, [100, 37, 128], DTYPES[0])
     idx = torch.arange(130, device=DEV, dtype=torch.int32)[None].expand(3, -1).contiguous()

@@ -31,9 +31,11 @@ def test_pdl_is_off_on_the_cpu_and_when_disabled(restore_pdl):
         assert pdl.options(torch.device("cuda")) == {"PDL": False}
 
 
-def test_no_pdl_bench_variant_is_the_default_step_with_plain_launches():
-    spec = dict(METHODS["dustin+draft-selected+no-pdl"])
-    assert spec.pop("pdl") is False
+@pytest.mark.parametrize("variant, key, value", [("dustin+draft-selected+no-pdl", "pdl", False),
+                                                 ("dustin+draft-selected+sparse-tiles-64", "sparse_tiles", 64)])
+def test_launch_bench_variants_are_the_default_step_with_one_switch(variant, key, value):
+    spec = dict(METHODS[variant])
+    assert spec.pop(key) == value
     assert spec == METHODS["dustin+draft-selected"]
     SpecConfig(**spec)
 

@@ -12,6 +12,7 @@ own. References: `reference.dense_attention`, `reference.sparse_attention`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -226,6 +227,33 @@ def semaphores(device: torch.device, n: int) -> torch.Tensor:
     return scratch.zeros("semaphore", device, n, torch.int32)
 
 
+_sparse_tile: int | None = None  # `use_sparse_tiles`
+
+
+@contextlib.contextmanager
+def use_sparse_tiles(block_n: int | None):
+    """Within the block, index-set attention launched without a tiling reads `block_n`-key tiles
+    (None: the default plan): a benchmark compares tile sizes side by side in whole steps."""
+    global _sparse_tile
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise DustinError(f"sparse tiles must be a power of two >= 16 keys, got {block_n}")
+    saved, _sparse_tile = _sparse_tile, block_n
+    try:
+        yield
+    finally:
+        _sparse_tile = saved
+
+
+def default_tile(head_dim: int, sparse: bool) -> int:
+    """Keys per tile when a launch gives none. The whole cache: the H200 sweep found no gain in larger
+    tiles. An index set at head dim 128 in 128-key tiles: fewer gathered rounds (72B shape, batch 16:
+    14.5 us against 15.1 for 64-key tiles, benchmarks/gpu/kernels-72b); 256 would not fit three stages
+    of them in shared memory."""
+    if sparse:
+        return _sparse_tile or (128 if head_dim == 128 else 64)
+    return 64 if head_dim >= 128 else 128
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -333,11 +361,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
     block_m = max(16, triton.next_power_of_2(GP * T))
     sparse = indices is not None
     n_keys = indices.shape[-1] if sparse else k_cache.shape[2] + T
-    if block_n is None:
-        # the whole cache: the H200 sweep found no gain in larger tiles. An index set at head dim 128 in
-        # 128-key tiles: fewer gathered rounds (72B shape, batch 16: 14.5 us against 15.1 for 64-key tiles,
-        # benchmarks/gpu/kernels-72b); 256 would not fit three stages of them in shared memory
-        block_n = (128 if D == 128 else 64) if sparse else (64 if D >= 128 else 128)
+    block_n = block_n or default_tile(D, sparse)
     if n_splits is None:
         n_splits = (plan_sparse_splits(units, block_m, n_keys, block_n, q.device) if sparse
                     else plan_splits(B, Hkv, n_keys, q.device))

@@ -42,6 +42,8 @@ METHODS = {
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
     # the same step with every kernel launched the usual way (`dustin.pdl`), side by side
     "dustin+draft-selected+no-pdl": dict(method="dustin", draft_kv="selected", pdl=False),
+    # ... and with the verification's index set read in 64-key tiles (`decode.use_sparse_tiles`)
+    "dustin+draft-selected+sparse-tiles-64": dict(method="dustin", draft_kv="selected", sparse_tiles=64),
 }
 SLACK = 64
 
@@ -127,12 +129,15 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
                  profile: bool = False) -> dict:
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
+    from ..attention.decode import use_sparse_tiles
+
     was = pdl.is_enabled()
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
         on = pdl.options(target.device)["PDL"]
-        out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
-                     draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
+        with use_sparse_tiles(spec.pop("sparse_tiles", None)):
+            out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
+                         draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:
         pdl.set_enabled(was)
     out["pdl"] = on
