@@ -127,10 +127,10 @@ def time_replays(fn, restore, *, replays: int, before=None) -> list[float]:
 def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
                  budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
                  profile: bool = False) -> dict:
+    from ..attention.decode import use_sparse_tiles  # triton: imported only when a GPU bench runs
+
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
-    from ..attention.decode import use_sparse_tiles
-
     was = pdl.is_enabled()
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
