@@ -31,6 +31,9 @@ from ..scratch import zeros as scratch_zeros
 FLOAT_MIN = torch.finfo(torch.float32).min
 
 
+POS_BITS = 31  # a key's low bits: the position, reversed so that larger keys rank first
+
+
 def _topk_mode() -> int:
     """How this Triton keeps a block's largest entries: 2 `tl.topk(x, k, descending=True)`, 1 `tl.topk(x, k)`
     (older releases, largest first), 0 a whole `tl.sort` (no `tl.topk` at all)."""
@@ -78,7 +81,7 @@ def _chunk_kernel(History, Lookahead, Lens, Cand, B, S, s_hb, s_lb, FILL,
     bits = x.to(tl.int32, bitcast=True)
     bits = tl.where(x != x, 0x7FFFFFFF, bits).to(tl.int64)
     mono = tl.where(bits >= 0, bits + (1 << 31), -1 - bits)
-    key = tl.where(in_row, (mono << 31) | (0x7FFFFFFF - j), -1)  # 31 low bits: the position, reversed
+    key = tl.where(in_row, (mono << POS_BITS) | ((1 << POS_BITS) - 1 - j), -1)
     top = _largest(key, KP, MODE)
     r = tl.arange(0, KEEP)
     tl.store(Cand + (row * tl.num_programs(1) + chunk) * KP + r, top, mask=r < KP)
@@ -92,7 +95,7 @@ def _top_kernel(Cand, Top, n_cand, rest, NP: tl.constexpr, KP: tl.constexpr, KEE
     i = tl.arange(0, NP)
     top = _largest(tl.load(Cand + row * n_cand + i, mask=i < n_cand, other=-1), KP, MODE)
     r = tl.arange(0, KEEP)
-    tl.store(Top + row * rest + r, 0x7FFFFFFF - (top & 0x7FFFFFFF), mask=r < rest)
+    tl.store(Top + row * rest + r, (1 << POS_BITS) - 1 - (top & ((1 << POS_BITS) - 1)), mask=r < rest)
 
 
 def _check_scores(history, lookahead, seq_lens, rest, n_sink, n_recent, chunk) -> None:
