@@ -79,18 +79,3 @@ def test_kernels_at_real_sizes(hq, hkv, ctx, batch):
     s = score_positions(q[:, :4].contiguous(), k, lens, [h // (hq // hkv) for h in heads])
     r = reference.position_scores(q[:, :4].float(), k.float(), lens, torch.tensor([h // (hq // hkv) for h in heads]))
     assert (s - r).abs().max() < 1e-2
-
-
-@pytest.mark.parametrize("batch,ctx", [(16, 32768), (5, 8191)])
-def test_budget_split_at_real_sizes(batch, ctx):
-    """The GPU ranking and split equal the reference at the engine's sizes, scores with ties included."""
-    from dustin.selection import indices, split_kernels
-
-    S = ctx + 5
-    lens = torch.tensor([ctx - 97 * i for i in range(batch)], device="cuda")
-    s_T = torch.rand(batch, S, device="cuda")
-    s_D = torch.rand(batch, S, device="cuda").bfloat16().float()  # bf16 rounding: many equal scores
-    m = torch.randint(0, 493, (batch,), device="cuda")
-    for chunk in (None, 1024, 8192):
-        got = split_kernels.budget_split(s_T, s_D, lens, m, budget=512, n_sink=4, n_recent=16, chunk=chunk)
-        assert torch.equal(got, indices.budget_split(s_T, s_D, lens, m, budget=512, n_sink=4, n_recent=16))

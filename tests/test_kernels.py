@@ -226,35 +226,6 @@ def test_sparse_split_plan_follows_partial_size():
     assert plan_sparse_splits(10 * sms, 16, 512, 64, dev) == 1
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2])
-def test_rank_kernels_equal_reference(mode, monkeypatch):
-    """The two-launch top-k ranks as the reference's stable sort: across chunk borders, with ties
-    (integer scores), -0.0 beside 0.0, a row whose best picks all sit in one chunk, and with each way
-    this Triton may keep a block's largest entries."""
-    from dustin.selection import indices, split_kernels
-
-    if mode == 2 and split_kernels.TOPK_MODE != 2:
-        pytest.skip("this Triton's tl.topk takes no descending flag")
-    if mode and not hasattr(__import__("triton").language, "topk"):
-        pytest.skip("this Triton has no tl.topk")
-    monkeypatch.setattr(split_kernels, "TOPK_MODE", mode)
-    g = torch.Generator(device=DEV).manual_seed(5)
-    B, S, rest, n_sink, n_recent = 3, 301, 37, 3, 5
-    lens = torch.tensor([S, 200, rest + n_sink + n_recent], device=DEV)
-    hist = torch.rand(B, S + 3, device=DEV, generator=g)[:, :S]
-    hist[1, 64:128] += 2.0  # every pick of row 1 in one chunk of 64
-    look = torch.randint(0, 3, (B, S), device=DEV, generator=g).float()
-    look[0, 10:20] = -0.0
-    for chunk in (64, 128, None):
-        got = split_kernels.rank(hist, look, lens, rest=rest, n_sink=n_sink, n_recent=n_recent, chunk=chunk)
-        c = indices.Candidates.rank(hist, look, lens, rest=rest, n_sink=n_sink, n_recent=n_recent)
-        assert got.dtype == torch.long and torch.equal(got, torch.cat([c.lookahead, c.history]))
-    with pytest.raises(DustinError, match="power of two"):
-        split_kernels.rank(hist, look, lens, rest=rest, n_sink=n_sink, n_recent=n_recent, chunk=96)
-    with pytest.raises(DustinError, match="cannot rank"):
-        split_kernels.rank(hist, look, lens, rest=S + 1, n_sink=n_sink, n_recent=n_recent)
-
-
 @pytest.mark.parametrize("budget,n_sink,n_recent", [(64, 4, 16), (37, 0, 5), (50, 3, 0)])
 def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
     """The Triton merge around torch's top-k gives the reference's index sets exactly: ties (integer

@@ -6,8 +6,8 @@ verification queries and a `budget`-entry index set:
   SDPA (`enable_gqa`, boolean mask for the causal tail);
 - sparse: our index-set kernel against gather + SDPA;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
-- selection: Dustin's budget split on the GPU (Triton ranking and merge), torch's top-k alone (what
-  the ranking replaced), and the all-torch path;
+- selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), and
+  the all-torch path it replaces;
 - per layer, Dustin's verification attention = sparse (the default plan, as the engine runs it) +
   (scoring + selection) / n_layers, against full.
 Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
@@ -119,13 +119,8 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     s_T = torch.rand(B, S, device=device, generator=g)
     s_D = torch.rand(B, S, device=device, generator=g)
     m = (budget - 20) // 4
-    # positions per first-stage ranking program: the default, and smaller and larger chunks
-    select = {f"chunk{c}": (lambda c=c: split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
-                                                                   n_recent=16, chunk=c, check=False))
-              for c in (None, 1024, 2048, 8192)}
-    out["select_best_config"], out["select_best_s"], out["select_variants_s"] = _best(select)
-    out["select_config"] = "chunkNone"
-    out["select_s"] = _default(out["select_variants_s"], out["select_config"])
+    out["select_s"] = time_graph(lambda: split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
+                                                                   n_recent=16, check=False))
     out["select_equal"] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
                                                                       n_recent=16),
                                            budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)))

@@ -28,8 +28,7 @@ def protected_mask(seq_lens: torch.Tensor, size: int, *, n_sink: int, n_recent: 
 
 @dataclass
 class Candidates:
-    """The best `rest` free positions by each signal, best first (equal scores: the earlier position
-    first): everything a budget split needs.
+    """The best `rest` free positions by each signal, best first: everything a budget split needs.
 
     One top-k ranks both signals at once; any split `m` is then a cheap merge, without another top-k.
     """
@@ -47,8 +46,7 @@ class Candidates:
         j = torch.arange(S, device=history.device)[None]
         blocked = protected_mask(lens, S, n_sink=n_sink, n_recent=n_recent) | (j >= lens[:, None])
         scores = torch.stack([lookahead, history]).float().masked_fill(blocked, torch.finfo(torch.float32).min)
-        # a stable sort, not top-k: equal scores rank by position, the order the GPU ranking keeps too
-        top = scores.view(2 * B, S).sort(dim=1, descending=True, stable=True).indices[:, :rest].view(2, B, rest)
+        top = scores.view(2 * B, S).topk(rest, dim=1).indices.view(2, B, rest)
         return cls(top[0], top[1], lens, S)
 
     def split(self, m: torch.Tensor | int) -> torch.Tensor:
