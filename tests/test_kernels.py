@@ -161,6 +161,23 @@ def test_sparse_tiles_can_be_overridden_for_a_block():
             pass
 
 
+@pytest.mark.parametrize("early", [True, False])
+def test_sparse_first_tile_early_or_late(early):
+    """The first tile gathered before the wait or in the loop: one answer, with splits whose first tile
+    is their only one, empty splits, and new tokens written by the same launch (the RoPE variant)."""
+    from dustin.attention.decode import early_gather, use_early_gather
+
+    with use_early_gather(early):
+        assert early_gather(64, 64, True) == early and not early_gather(128, 128, True)
+        assert not early_gather(64, 64, False)
+        q, k, v, sl = make(3, 6, 2, 2, 64, 200, [190, 3, 120], DTYPES[0])
+        g = torch.Generator(device=DEV).manual_seed(4)
+        idx = torch.randint(-3, 195, (3, 70), device=DEV, generator=g, dtype=torch.int32)
+        for splits in (1, 3, 8):
+            out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=32)
+            assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[DTYPES[0]]
+
+
 def test_sparse_over_every_entry_equals_dense():
     q, k, v, sl = make(3, 8, 2, 5, 64, 140, [100, 37, 128], DTYPES[0])
     idx = torch.arange(130, device=DEV, dtype=torch.int32)[None].expand(3, -1).contiguous()

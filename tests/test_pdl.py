@@ -11,7 +11,7 @@ from dustin.attention import reference  # noqa: E402
 from dustin.attention.decode import sparse_attention  # noqa: E402
 from dustin.bench.e2e import METHODS  # noqa: E402
 from dustin.config import SpecConfig  # noqa: E402
-from dustin.fused import add_rmsnorm, add_rmsnorm_reference  # noqa: E402
+from dustin.fused import add_rmsnorm, add_rmsnorm_reference, rope_write  # noqa: E402
 from dustin.linear import linear, linear_reference  # noqa: E402
 
 
@@ -32,7 +32,8 @@ def test_pdl_is_off_on_the_cpu_and_when_disabled(restore_pdl):
 
 
 @pytest.mark.parametrize("variant, key, value", [("dustin+draft-selected+no-pdl", "pdl", False),
-                                                 ("dustin+draft-selected+sparse-tiles-64", "sparse_tiles", 64)])
+                                                 ("dustin+draft-selected+sparse-tiles-64", "sparse_tiles", 64),
+                                                 ("dustin+draft-selected+late-gather", "early_gather", False)])
 def test_launch_bench_variants_are_the_default_step_with_one_switch(variant, key, value):
     spec = dict(METHODS[variant])
     assert spec.pop(key) == value
@@ -44,7 +45,8 @@ def test_launch_bench_variants_are_the_default_step_with_one_switch(variant, key
 @pytest.mark.parametrize("on", [True, False])
 def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows. The
-    index set changes between replays, so a gathered read from before the wait would show too."""
+    attention gathers its first tile before its wait: the cache rows it reads there were written two
+    kernels earlier (RoPE and the cache write), at positions and with values that change between replays."""
     pdl.set_enabled(on)
     g = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
@@ -56,12 +58,17 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     v_cache = torch.randn(16, 2, 301, 64, device=dev, dtype=dt, generator=g)
     seq_lens = torch.randint(200, 300, (16,), device=dev, dtype=torch.int32, generator=g)
     indices = torch.zeros(16, 2, 100, device=dev, dtype=torch.int32)
+    new_qkv = torch.zeros(16, 1, 18 * 64, device=dev, dtype=dt)  # a pass's q/k/v, written into the cache
+    cos = torch.rand(16, 1, 1, 64, device=dev, generator=g)
+    sin = (1 - cos**2).sqrt()
+    positions = torch.zeros(16, 1, device=dev, dtype=torch.long)  # below every sequence's length
 
     def attend(h, attention):
         q = h[:, :896].reshape(16, 14, 1, 64)
         return attention(q, k_cache, v_cache, seq_lens, indices).reshape(16, 896)
 
     def chain(x):
+        rope_write(new_qkv, cos, sin, positions, k_cache, v_cache, 14, 2)
         h = linear(x, w1, norm_weight=norm, check=False)
         a = attend(h, lambda *t: sparse_attention(*t, check=False))  # reads what the linear kernel just wrote
         y = linear(torch.cat([a, h[:, 896:]], -1), w2, residual=x, check=False)
@@ -75,6 +82,9 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     for _ in range(3):
         x.copy_(torch.randn(x.shape, device=dev, dtype=dt, generator=g))
         indices.copy_(torch.randint(-5, 310, indices.shape, device=dev, dtype=torch.int32, generator=g))
+        new_qkv.copy_(torch.randn(new_qkv.shape, device=dev, dtype=dt, generator=g))
+        positions.copy_(torch.randint(0, 200, positions.shape, device=dev, generator=g))
+        indices[:, :, 0] = positions  # every first tile reads a row the graph has just rewritten
         graph.replay()
         h = linear_reference(x, w1, norm_weight=norm)
         y = linear_reference(torch.cat([attend(h, reference.sparse_attention), h[:, 896:]], -1), w2, residual=x)

@@ -3,12 +3,14 @@
 A few-row decode pass is a chain of short kernels, and each one costs about as much in launch and
 ramp-up as in bytes. Launched with PDL, a kernel is scheduled while the one before it is still
 running. It waits in `griddepcontrol.wait` until that kernel has finished and its writes are visible.
-Before the wait it may read what no kernel writes during decoding: the weights. So the next kernel's
-launch and its first weight tile overlap the tail of the one before.
+Before the wait it may read what no kernel writes during decoding, the weights, and what only kernels
+older than its predecessor wrote: index-set attention gathers its first tile of the cache there (the
+rows below the lengths, which the pass's projection kernel before it never touches). So the next
+kernel's launch and its first tile overlap the tail of the one before.
 
 The contract, for every kernel that takes the `PDL` flag:
 - every program calls `wait_for_inputs(PDL)` unconditionally;
-- it calls it before any read of memory a kernel writes, and before any write.
+- it calls it before any write, and before any read of memory that its immediate predecessor may write.
 Then a kernel finishes only after the one before it. Anything older than the immediate predecessor
 is complete before a kernel is even scheduled. Kernels launched without PDL (cuBLAS, torch) wait for
 their predecessor as usual.

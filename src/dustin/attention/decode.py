@@ -76,25 +76,37 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  n_kv_heads, n_budget, n_cache, scale,
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
-                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr, PRECISION: tl.constexpr,
-                 PDL: tl.constexpr):
+                 FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr, ROPE: tl.constexpr,
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
+    d = tl.arange(0, D)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    if EARLY:
+        # the lengths, the index set and the cache below the lengths are older than the kernel before
+        # this one (`dustin.pdl`): gather the first tile while that kernel finishes, and wait only for q
+        L = tl.load(SeqLens + b)
+        lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
+        idx_ptr = Idx + b * s_ib + h * s_ih
+        first = lo + tl.arange(0, BLOCK_N)
+        idx0 = tl.load(idx_ptr + first, mask=first < hi, other=-1)
+        ok0 = (idx0 >= 0) & (idx0 < L)
+        k0 = tl.load(k_base + idx0[:, None] * s_ks + d[None, :], mask=ok0[:, None], other=0.0)
+        v0 = tl.load(v_base + idx0[:, None] * s_vs + d[None, :], mask=ok0[:, None], other=0.0)
     wait_for_inputs(PDL)
-    L = tl.load(SeqLens + b)
+    if not EARLY:
+        L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
     row_ok = rows < n_rows
-    d = tl.arange(0, D)
     q_rows = Q + b * s_qb + (head0 + rows // T)[:, None] * s_qh + t[:, None] * s_qt
     if ROPE:  # Q is the fused q/k/v projection `[B, T, (Hq + 2 Hkv) D]`: rotate q as it loads
         q = _rotate(q_rows, Cos + b * s_cb + t[:, None] * s_ct, Sin + b * s_cb + t[:, None] * s_ct, d,
                     row_ok[:, None], D).to(K.dtype.element_ty)
     else:
         q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -102,8 +114,11 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
     if SPARSE:
         # the index set in whole tiles split evenly; the T new tokens are one small tile of the last split,
         # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
-        lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
-        idx_ptr = Idx + b * s_ib + h * s_ih
+        if EARLY:
+            lo += BLOCK_N  # the loop below starts after the gathered first tile
+        else:
+            lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
+            idx_ptr = Idx + b * s_ib + h * s_ih
         if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
             first = lo + tl.arange(0, BLOCK_N)
             idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
@@ -131,6 +146,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
             visible = new_ok[None, :] & (j[None, :] <= t[:, None])
             m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+        if EARLY:
+            m_i, l_i, acc = _online_tile(q, k0, v0, ok0[None, :], m_i, l_i, acc, scale, PRECISION)
         for start in range(lo, hi, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)
             if PREFETCH:
@@ -242,6 +259,29 @@ def use_sparse_tiles(block_n: int | None):
         yield
     finally:
         _sparse_tile = saved
+
+
+_early_gather = True  # `use_early_gather`
+
+
+@contextlib.contextmanager
+def use_early_gather(flag: bool):
+    """Within the block, index-set attention gathers its first tile before the PDL wait (True, the
+    default, where the tile fits in registers: `early_gather`) or after it: a benchmark compares the
+    two side by side in whole steps."""
+    global _early_gather
+    saved, _early_gather = _early_gather, bool(flag)
+    try:
+        yield
+    finally:
+        _early_gather = saved
+
+
+def early_gather(head_dim: int, block_n: int, sparse: bool) -> bool:
+    """Whether index-set attention loads its first tile of keys and values before waiting for the
+    kernel before it. Only a small tile (at most 64 keys of 64 dims, a draft's) goes early: it is held
+    in registers across the wait, and a 72B tile (128 x 128) would spill them."""
+    return _early_gather and sparse and block_n * head_dim <= 64 * 64
 
 
 def default_tile(head_dim: int, sparse: bool) -> int:
@@ -389,7 +429,8 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), s_ib, s_ih,
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
-        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch, ROPE=rope is not None,
+        N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch,
+        EARLY=early_gather(D, block_n, sparse), ROPE=rope is not None,
         PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:

@@ -44,6 +44,8 @@ METHODS = {
     "dustin+draft-selected+no-pdl": dict(method="dustin", draft_kv="selected", pdl=False),
     # ... and with the verification's index set read in 64-key tiles (`decode.use_sparse_tiles`)
     "dustin+draft-selected+sparse-tiles-64": dict(method="dustin", draft_kv="selected", sparse_tiles=64),
+    # ... and with every index-set tile gathered after the PDL wait (`decode.use_early_gather`)
+    "dustin+draft-selected+late-gather": dict(method="dustin", draft_kv="selected", early_gather=False),
 }
 SLACK = 64
 
@@ -127,7 +129,7 @@ def time_replays(fn, restore, *, replays: int, before=None) -> list[float]:
 def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
                  budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
                  profile: bool = False) -> dict:
-    from ..attention.decode import use_sparse_tiles  # triton: imported only when a GPU bench runs
+    from ..attention.decode import use_early_gather, use_sparse_tiles  # triton: only when a GPU bench runs
 
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
@@ -135,7 +137,7 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
         on = pdl.options(target.device)["PDL"]
-        with use_sparse_tiles(spec.pop("sparse_tiles", None)):
+        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)):
             out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                          draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:
