@@ -203,6 +203,8 @@ def test_score_positions_matches_reference(kv_heads, T):
         into = base.clone()
         assert score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32) is into
         assert (into - base - expect).abs().max() < 1e-3 * len(kv_heads)
+    # the default plan: 128-key tiles at head dim 64, over a cache of two ragged tiles
+    assert (score_positions(q, k, sl, kv_heads) - expect).abs().max() < 1e-3 * len(kv_heads)
 
 
 def test_bad_input_is_refused():
@@ -241,6 +243,22 @@ def test_sparse_split_plan_follows_partial_size():
     # never more splits than whole tiles, never fewer than one
     assert plan_sparse_splits(1, 16, 100, 64, dev) == 1
     assert plan_sparse_splits(10 * sms, 16, 512, 64, dev) == 1
+
+
+def test_plan_splits_keeps_the_programs_in_one_wave():
+    """The full-cache plan never spills a partial second wave of programs; rounding up (the scoring
+    plan) reaches the wave instead. Both stay within 1..32 splits of at least `min_keys` keys."""
+    from dustin.attention.decode import _sm_count, plan_splits
+
+    dev = torch.device(DEV)
+    slots = 2 * _sm_count(dev)
+    for units in (1, 3, 7, slots - 1, slots, 3 * slots):
+        n = plan_splits(units, 1, 1 << 24, dev)
+        assert 1 <= n <= 32 and (n * units <= slots or n == 1) and (n == 32 or (n + 1) * units > slots)
+        up = plan_splits(units, 1, 1 << 24, dev, round_up=True)
+        assert up == min(32, -(-slots // units))
+    assert plan_splits(1, 1, 1500, dev, min_keys=512) == 2  # short caches keep their splits long
+    assert plan_splits(1, 1, 100, dev) == 1
 
 
 @pytest.mark.parametrize("budget,n_sink,n_recent", [(64, 4, 16), (37, 0, 5), (50, 3, 0)])

@@ -301,14 +301,18 @@ def _sm_count(device: torch.device) -> int:
 
 
 def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, *, min_keys: int = 512,
-                per_sm: int = 2) -> int:
-    """Splits per (sequence, KV head): about `per_sm` programs per multiprocessor, each split >= `min_keys` keys.
+                per_sm: int = 2, round_up: bool = False) -> int:
+    """Splits per (sequence, KV head): as many as keep the programs within `per_sm` per multiprocessor
+    (one wave; `round_up`: the fewest that reach it), each split >= `min_keys` keys.
 
-    Measured on an H200 (benchmarks/gpu/kernels.json): for the full cache two programs per SM beat both
-    fewer and more. Index sets are planned by `plan_sparse_splits`.
+    Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4, 32k,
+    batch 16 (benchmarks/gpu/kernels.json at 2f797e2), a split count that spills a partial second wave
+    costs up to a third: Qwen2.5-7B shape, 5 splits (320 programs) 344 us against 262 us for 2 splits
+    (128 programs). Index sets are planned by `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
-    want = max(1, (per_sm * _sm_count(device) + programs - 1) // programs)
+    slots = per_sm * _sm_count(device)
+    want = -(-slots // programs) if round_up else slots // programs
     return int(max(1, min(want, n_keys // min_keys, 32)))
 
 

@@ -96,6 +96,14 @@ def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s
         tl.store(o_ptr, total, mask=in_cache)
 
 
+def default_tile(head_dim: int) -> int:
+    """Keys per tile when a call gives none, about 16 KB of them. Measured on the H200 with one query
+    at 32k, batch 16: at head dim 128, 64 keys four stages deep (Qwen2.5-72B shape, 43.4 us,
+    benchmarks/gpu/kernels-72b); at head dim 64, 128 keys three deep (Qwen2.5-0.5B shape, 28.9 us
+    against 33.1 for 64 keys, benchmarks/gpu/draft-kernels)."""
+    return 64 if head_dim >= 128 else 128
+
+
 @lru_cache(maxsize=64)
 def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen heads grouped by the KV head they read, as device tables made once (no copies inside a
@@ -110,7 +118,7 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
 
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     out: torch.Tensor | None = None, n_splits: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int = 4, check: bool = True) -> torch.Tensor:
+                    num_warps: int | None = None, num_stages: int | None = None, check: bool = True) -> torch.Tensor:
     """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
 
     q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
@@ -119,7 +127,8 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     last dimension): add the scores into it instead, so that a policy sums layers without a pass of its
     own per layer. `num_warps` defaults to 8 for more than 8 rows per KV group (heads x queries: a
     draft's lookahead), else 4: so the logits launch measured faster on the H200 in isolation, 4 warps
-    for one query and 8 for four.
+    for one query and 8 for four. `block_n` and `num_stages` default to `default_tile` keys, four stages
+    deep for 64 keys and three for more.
     """
     kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
     B, H, T, D = q.shape
@@ -146,9 +155,10 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     block_m = max(16, triton.next_power_of_2(hg * T))
     num_warps = num_warps or (8 if hg * T > 8 else 4)
     # a power of two: the merge kernel loads the splits' statistics as one vector
-    # one program per SM and 64-key tiles four deep measured best on the H200 (benchmarks/gpu/kernels.json)
-    n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1))
-    block_n = block_n or 64
+    splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True)
+    n_splits = triton.next_power_of_2(splits)
+    block_n = block_n or default_tile(D)
+    num_stages = num_stages or (4 if block_n <= 64 else 3)
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
     n_tiles = triton.cdiv(S, block_n)
     tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
