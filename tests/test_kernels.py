@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from dustin import DustinError
+from dustin import DustinError, attention
 from dustin.attention import reference
 
 triton = pytest.importorskip("triton")
@@ -203,6 +203,15 @@ def test_score_positions_matches_reference(kv_heads, T):
         into = base.clone()
         assert score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32) is into
         assert (into - base - expect).abs().max() < 1e-3 * len(kv_heads)
+        # summed over the queries as well, alone and added in; the torch path agrees
+        summed = expect.sum(1, keepdim=True)
+        got = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32, sum_queries=True)
+        assert got.shape == (B, 1, k.shape[2]) and (got - summed).abs().max() < 1e-3 * len(kv_heads) * T
+        into = base[:, :1].clone()
+        score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32, sum_queries=True)
+        assert (into - base[:, :1] - summed).abs().max() < 1e-3 * len(kv_heads) * T
+    torch_path = attention.score(q, k, sl, torch.tensor(kv_heads, device=DEV), backend="torch", sum_queries=True)
+    assert (torch_path - summed).abs().max() < 1e-3 * len(kv_heads) * T
     # the default plan: 128-key tiles at head dim 64, over a cache of two ragged tiles
     assert (score_positions(q, k, sl, kv_heads) - expect).abs().max() < 1e-3 * len(kv_heads)
 
@@ -229,6 +238,8 @@ def test_bad_input_is_refused():
         score_positions(q[:, :2], k, sl, [0, 5])
     with pytest.raises(DustinError, match=r"out must be float32 \(2, 3, 50\)"):
         score_positions(q[:, :2], k, sl, [0, 1], out=torch.zeros(2, 50, device=DEV))
+    with pytest.raises(DustinError, match=r"out must be float32 \(2, 1, 50\)"):
+        score_positions(q[:, :2], k, sl, [0, 1], out=torch.zeros(2, 3, 50, device=DEV), sum_queries=True)
 
 
 def test_sparse_split_plan_follows_partial_size():

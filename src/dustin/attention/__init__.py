@@ -68,17 +68,20 @@ def attend_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
 
 
 def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads: torch.Tensor, *,
-          backend: str = "torch", out: torch.Tensor | None = None) -> torch.Tensor:
+          backend: str = "torch", out: torch.Tensor | None = None, sum_queries: bool = False) -> torch.Tensor:
     """Full-context attention probabilities of chosen heads, summed over the heads: one score per
     query and position.
 
     q: `[B, h, T, D]`; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` committed lengths (query `t` sees
-    positions `<= seq_lens[b] + t`); kv_heads: `[h]` KV head of each query head. Returns `[B, T, S]` float32;
-    with `out`, adds into it and returns it.
+    positions `<= seq_lens[b] + t`); kv_heads: `[h]` KV head of each query head. Returns `[B, T, S]` float32,
+    or `[B, 1, S]` summed over the queries with `sum_queries`; with `out`, adds into it and returns it.
     """
     if backend == "triton":
         from . import scoring
 
-        return scoring.score_positions(q, k_cache, seq_lens, kv_heads, out=out, check=False)
+        return scoring.score_positions(q, k_cache, seq_lens, kv_heads, out=out, sum_queries=sum_queries,
+                                       check=False)
     s = reference.position_scores(q, k_cache, seq_lens, kv_heads)
+    if sum_queries:
+        s = s.sum(1, keepdim=True)
     return s if out is None else out.add_(s)

@@ -70,13 +70,14 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
 @triton.jit
 def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
                       H: tl.constexpr, T: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     L = tl.load(SeqLens + b)
     pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     in_cache = pos < S
     splits = tl.arange(0, N_SPLITS)
+    over_t = tl.zeros([BLOCK_S], tl.float32)
     for t in tl.static_range(T):
         total = tl.zeros([BLOCK_S], tl.float32)
         visible = in_cache & (pos <= L + t)
@@ -90,10 +91,19 @@ def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s
             m_tile = tl.load(TileMax + ((b * H + h) * T + t) * n_tiles + pos // BLOCK_N, mask=visible, other=0.0)
             total += tl.exp2(x.to(tl.float32) + m_tile - m_safe) / denom
         total = tl.where(visible, total, 0.0)
-        o_ptr = Out + b * s_ob + t * s_ot + pos
-        if ACCUMULATE:
-            total += tl.load(o_ptr, mask=in_cache, other=0.0)
-        tl.store(o_ptr, total, mask=in_cache)
+        if SUM_T:
+            over_t += total
+        else:
+            _write(Out + b * s_ob + t * s_ot + pos, total, in_cache, ACCUMULATE)
+    if SUM_T:
+        _write(Out + b * s_ob + pos, over_t, in_cache, ACCUMULATE)
+
+
+@triton.jit
+def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
+    if ACCUMULATE:
+        x += tl.load(ptr, mask=mask, other=0.0)
+    tl.store(ptr, x, mask=mask)
 
 
 def default_tile(head_dim: int) -> int:
@@ -118,7 +128,8 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
 
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     out: torch.Tensor | None = None, n_splits: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None, check: bool = True) -> torch.Tensor:
+                    num_warps: int | None = None, num_stages: int | None = None, sum_queries: bool = False,
+                    check: bool = True) -> torch.Tensor:
     """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
 
     q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
@@ -128,7 +139,8 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     own per layer. `num_warps` defaults to 8 for more than 8 rows per KV group (heads x queries: a
     draft's lookahead), else 4: so the logits launch measured faster on the H200 in isolation, 4 warps
     for one query and 8 for four. `block_n` and `num_stages` default to `default_tile` keys, four stages
-    deep for 64 keys and three for more.
+    deep for 64 keys and three for more. `sum_queries`: the scores summed over the queries as well,
+    `[B, 1, S]` (a draft's lookahead queries count together): the T rows are never written.
     """
     kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
     B, H, T, D = q.shape
@@ -145,7 +157,7 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
             raise DustinError(f"need D a power of two >= 16, 1..16 queries and seq_lens [B]; got D={D}, T={T}")
         if int(seq_lens.max()) + T > S or int(seq_lens.min()) < 0:
             raise DustinError(f"seq_lens + {T} queries exceed the cache of {S} positions")
-        shape = (B, T, S)
+        shape = (B, 1 if sum_queries else T, S)
         if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device != q.device
                                 or out.stride(-1) != 1):
             raise DustinError(f"out must be float32 {shape} on {q.device} with a contiguous last dimension, got "
@@ -172,10 +184,10 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
         num_warps=num_warps, num_stages=num_stages)
     accumulate = out is not None
     if out is None:
-        out = torch.empty(B, T, S, device=q.device, dtype=torch.float32)
+        out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
     block_s = 1024
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
         out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, N_SPLITS=n_splits, BLOCK_S=block_s, BLOCK_N=block_n,
-        ACCUMULATE=accumulate, num_warps=4)
+        ACCUMULATE=accumulate, SUM_T=sum_queries, num_warps=4)
     return out

@@ -24,8 +24,10 @@ def kv_heads_of(model: Transformer, heads: list[int]) -> list[int]:
     return [h // model.args.group_size for h in heads]
 
 
-def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers.
+def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tensor | None = None, *,
+                sum_queries: bool = False) -> torch.Tensor:
+    """`[B, T, S]`: the captured heads' full-context attention per query, summed over heads and layers
+    (`[B, 1, S]` summed over the queries too, with `sum_queries`).
 
     Query `t` sees positions `<= seq_lens[b] + t` (default: the model's committed lengths)."""
     total = None
@@ -33,7 +35,7 @@ def score_heads(model: Transformer, capture: QueryCapture, seq_lens: torch.Tenso
     lens = model.seq_lens if seq_lens is None else seq_lens
     for layer, q in capture.q.items():  # the later layers add into the first one's scores
         total = attention.score(q, model.cache.k[layer], lens, kv_heads_of(model, capture.heads[layer]),
-                                backend=backend, out=total)
+                                backend=backend, out=total, sum_queries=sum_queries)
     return total
 
 
@@ -148,7 +150,8 @@ class Dustin(Policy):
         if not self._look_q:
             return
         q = {layer: torch.cat(qs, 2) if len(qs) > 1 else qs[0] for layer, qs in self._look_q.items()}
-        scores = score_heads(self._draft, QueryCapture(self._draft_capture.heads, q), self._look_start).sum(1)
+        scores = score_heads(self._draft, QueryCapture(self._draft_capture.heads, q), self._look_start,
+                             sum_queries=True)[:, 0]
         n = min(scores.shape[1], self.s_D.shape[1])
         self.s_D[:, :n] = scores[:, :n]
         self.s_D[:, n:].zero_()
