@@ -102,7 +102,9 @@ def test_sparse_attention_rope_equals_rope_write_then_sparse(shape, splits, per_
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = fused.rope_write(qkv, cos[:, None], sin[:, None], pos, k1, v1, hq, hkv)
     expect = sparse_attention(q, k1, v1, sl, idx, n_splits=splits, block_n=16)
-    out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16)
+    # the first tile gathered before the wait, except in one split (gathered after it)
+    out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16,
+                                early_gather=splits != 1)
     assert out.shape == (B, hq, T, D) and out.dtype == dtype
     real = torch.ones(B, T, dtype=torch.bool, device=DEV)
     real[0, T - 1] = T == 1  # the padding token's own output is never used (the two paths differ there)
@@ -168,13 +170,13 @@ def test_sparse_first_tile_early_or_late(early):
     from dustin.attention.decode import early_gather, use_early_gather
 
     with use_early_gather(early):
-        assert early_gather(64, 64, True) == early and not early_gather(128, 128, True)
-        assert not early_gather(64, 64, False)
+        assert early_gather(64, 64, True, True) == early and not early_gather(128, 128, True, True)
+        assert not early_gather(64, 64, False, True) and not early_gather(64, 64, True, False)
         q, k, v, sl = make(3, 6, 2, 2, 64, 200, [190, 3, 120], DTYPES[0])
         g = torch.Generator(device=DEV).manual_seed(4)
         idx = torch.randint(-3, 195, (3, 70), device=DEV, generator=g, dtype=torch.int32)
         for splits in (1, 3, 8):
-            out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=32)
+            out = sparse_attention(q, k, v, sl, idx, n_splits=splits, block_n=32, early_gather=True)
             assert rel_err(out.float(), ref(reference.sparse_attention, q, k, v, sl, idx)) < TOL[DTYPES[0]]
 
 

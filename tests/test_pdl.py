@@ -70,7 +70,7 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     def chain(x):
         rope_write(new_qkv, cos, sin, positions, k_cache, v_cache, 14, 2)
         h = linear(x, w1, norm_weight=norm, check=False)
-        a = attend(h, lambda *t: sparse_attention(*t, check=False))  # reads what the linear kernel just wrote
+        a = attend(h, lambda *t: sparse_attention(*t, early_gather=True, check=False))  # reads the linear's output
         y = linear(torch.cat([a, h[:, 896:]], -1), w2, residual=x, check=False)
         out, _ = add_rmsnorm(y, x, norm, 1e-6)
         return out

@@ -96,8 +96,9 @@ class Attention(nn.Module):
         capture = step.capture is not None and self.layer in step.capture.heads
         if step.fused and torch.is_tensor(step.indices) and not capture:
             # nobody needs q itself: RoPE, the cache write and the attention in one launch
+            # after our own fused projection (launched with PDL) the first tile's gather overlaps its tail
             out = attend_rope(qkv, cos[:, 0], sin[:, 0], step.positions, cache.k[self.layer], cache.v[self.layer],
-                              cache.seq_lens, step.indices, self.n_heads)
+                              cache.seq_lens, step.indices, self.n_heads, early_gather=step.linear == "triton")
             return out.transpose(1, 2).reshape(B, T, -1)
         if step.fused:
             q = fused_ops.rope_write(qkv, cos, sin, step.positions, cache.k[self.layer], cache.v[self.layer],

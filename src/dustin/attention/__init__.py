@@ -55,16 +55,17 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
 
 def attend_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
-                n_heads: int) -> torch.Tensor:
+                n_heads: int, *, early_gather: bool = False) -> torch.Tensor:
     """RoPE of the fused projection's q and k, k and v written into the cache at `positions`, and attention
     over `indices` plus the new tokens, in one Triton launch (`decode.sparse_attention_rope`).
 
     qkv: `[B, T, (Hq + 2 Hkv) D]`; cos, sin: `[B, T, D]` float32; positions: `[B, T]`. Returns `[B, Hq, T, D]`.
+    `early_gather`: the projection just before was our PDL kernel (`decode.sparse_attention`).
     """
     from . import decode
 
     return decode.sparse_attention_rope(qkv, cos, sin, positions, k_cache, v_cache, seq_lens, indices, n_heads,
-                                        check=False)
+                                        early_gather=early_gather, check=False)
 
 
 def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads: torch.Tensor, *,

@@ -266,9 +266,9 @@ _early_gather = True  # `use_early_gather`
 
 @contextlib.contextmanager
 def use_early_gather(flag: bool):
-    """Within the block, index-set attention gathers its first tile before the PDL wait (True, the
-    default, where the tile fits in registers: `early_gather`) or after it: a benchmark compares the
-    two side by side in whole steps."""
+    """Within the block, index-set attention asked to gather its first tile before the PDL wait does so
+    (True, the default) or gathers it after the wait like every other tile: a benchmark compares the two
+    side by side in whole steps."""
     global _early_gather
     saved, _early_gather = _early_gather, bool(flag)
     try:
@@ -277,11 +277,11 @@ def use_early_gather(flag: bool):
         _early_gather = saved
 
 
-def early_gather(head_dim: int, block_n: int, sparse: bool) -> bool:
+def early_gather(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bool:
     """Whether index-set attention loads its first tile of keys and values before waiting for the
-    kernel before it. Only a small tile (at most 64 keys of 64 dims, a draft's) goes early: it is held
-    in registers across the wait, and a 72B tile (128 x 128) would spill them."""
-    return _early_gather and sparse and block_n * head_dim <= 64 * 64
+    kernel before it: where the caller wants it (`wanted`) and the tile is small (at most 64 keys of
+    64 dims, a draft's). It is held in registers across the wait; a 72B tile (128 x 128) would spill."""
+    return wanted and _early_gather and sparse and block_n * head_dim <= 64 * 64
 
 
 def default_tile(head_dim: int, sparse: bool) -> int:
@@ -380,7 +380,7 @@ def _check_rope(qkv, cos, sin, positions, n_heads, k_cache, v_cache, seq_lens, i
 
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check, prefetch=True, head_splits=1, rope=None):
+            check, prefetch=True, head_splits=1, rope=None, early=False):
     """`rope`: None, or (cos, sin, positions, n_heads) when `q` is the fused q/k/v projection."""
     if head_splits < 1:
         raise DustinError(f"head_splits must be >= 1, got {head_splits}")
@@ -434,7 +434,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch,
-        EARLY=early_gather(D, block_n, sparse), ROPE=rope is not None,
+        EARLY=early_gather(D, block_n, sparse, early), ROPE=rope is not None,
         PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
@@ -460,21 +460,24 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
                      num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
-                     head_splits: int = 1, check: bool = True) -> torch.Tensor:
+                     head_splits: int = 1, early_gather: bool = False, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read);
     `prefetch` loads each tile's positions one tile ahead; `head_splits` shares a KV group's query heads
-    among that many programs (each reads the group's keys; by default one program reads them for all)."""
+    among that many programs (each reads the group's keys; by default one program reads them for all);
+    `early_gather` gathers the first tile before the PDL wait, where it fits in registers (`dustin.pdl`):
+    it pays when the kernel launched just before is one of ours under PDL, and only holds registers
+    after cuBLAS."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
-                   prefetch=prefetch, head_splits=head_splits)
+                   prefetch=prefetch, head_splits=head_splits, early=early_gather)
 
 
 def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, indices: torch.Tensor,
                           n_heads: int, *, n_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                          num_stages: int = 3, check: bool = True) -> torch.Tensor:
+                          num_stages: int = 3, early_gather: bool = False, check: bool = True) -> torch.Tensor:
     """`fused.rope_write` then `sparse_attention`, in one launch: a few-row decode pass is bound by its
     launches. The program that attends to the new tokens rotates its KV head's keys, writes keys and
     values into the cache at `positions` and uses them from registers.
@@ -485,4 +488,4 @@ def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     """
     return _launch(qkv, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=True, check=check,
-                   rope=(cos, sin, positions, n_heads))
+                   rope=(cos, sin, positions, n_heads), early=early_gather)
