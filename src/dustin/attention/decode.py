@@ -287,8 +287,9 @@ def early_gather(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> boo
 def default_tile(head_dim: int, sparse: bool) -> int:
     """Keys per tile when a launch gives none. The whole cache: the H200 sweep found no gain in larger
     tiles. An index set at head dim 128 in 128-key tiles: fewer gathered rounds (72B shape, batch 16:
-    14.5 us against 15.1 for 64-key tiles, benchmarks/gpu/kernels-72b); 256 would not fit three stages
-    of them in shared memory."""
+    14.8 us against 15.5 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
+    of them in shared memory. Whole steps at the 7B and 8B shapes do not tell the two apart
+    (benchmarks/gpu/e2e.json: 9.13 against 9.12 ms for Qwen2.5-7B, 10.65 with either for Llama-3.1-8B)."""
     if sparse:
         return _sparse_tile or (128 if head_dim == 128 else 64)
     return 64 if head_dim >= 128 else 128
@@ -305,10 +306,11 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
     """Splits per (sequence, KV head): as many as keep the programs within `per_sm` per multiprocessor
     (one wave; `round_up`: the fewest that reach it), each split >= `min_keys` keys.
 
-    Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4, 32k,
-    batch 16 (benchmarks/gpu/kernels.json at 2f797e2), a split count that spills a partial second wave
-    costs up to a third: Qwen2.5-7B shape, 5 splits (320 programs) 344 us against 262 us for 2 splits
-    (128 programs). Index sets are planned by `plan_sparse_splits`.
+    Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4
+    (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave and is the
+    slowest of the sweep at every shape, context and batch, by up to 35% (Qwen2.5-7B shape, 32k, batch
+    16: 5 splits, 320 programs, 341 us against 252 us for 4). Index sets are planned by
+    `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
     slots = per_sm * _sm_count(device)

@@ -108,9 +108,9 @@ def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
 
 def default_tile(head_dim: int) -> int:
     """Keys per tile when a call gives none, about 16 KB of them. Measured on the H200 with one query
-    at 32k, batch 16: at head dim 128, 64 keys four stages deep (Qwen2.5-72B shape, 43.4 us,
-    benchmarks/gpu/kernels-72b); at head dim 64, 128 keys three deep (Qwen2.5-0.5B shape, 28.9 us
-    against 33.1 for 64 keys, benchmarks/gpu/draft-kernels)."""
+    at 32k, batch 16: at head dim 128, 64 keys four stages deep (Qwen2.5-72B shape, 44.2 us,
+    benchmarks/gpu/kernels.json); at head dim 64, 128 keys three deep (Qwen2.5-0.5B shape, 29.3 us
+    against 32.9 for 64 keys four deep, benchmarks/gpu/draft-kernels)."""
     return 64 if head_dim >= 128 else 128
 
 
