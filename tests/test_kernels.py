@@ -102,7 +102,7 @@ def test_sparse_attention_rope_equals_rope_write_then_sparse(shape, splits, per_
     k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = fused.rope_write(qkv, cos[:, None], sin[:, None], pos, k1, v1, hq, hkv)
     expect = sparse_attention(q, k1, v1, sl, idx, n_splits=splits, block_n=16)
-    # the first tile gathered before the wait, except in one split (gathered after it)
+    # the first tile gathered before the wait, except with n_splits=1 (gathered after it)
     out = sparse_attention_rope(qkv, cos, sin, pos, k2, v2, sl, idx, hq, n_splits=splits, block_n=16,
                                 early_gather=splits != 1)
     assert out.shape == (B, hq, T, D) and out.dtype == dtype
@@ -166,12 +166,12 @@ def test_sparse_tiles_can_be_overridden_for_a_block():
 @pytest.mark.parametrize("early", [True, False])
 def test_sparse_first_tile_early_or_late(early):
     """The first tile gathered before the wait or in the loop: one answer, with splits whose first tile
-    is their only one, empty splits, and new tokens written by the same launch (the RoPE variant)."""
-    from dustin.attention.decode import early_gather, use_early_gather
+    is their only one and empty splits (the RoPE variant: `test_sparse_attention_rope_...`)."""
+    from dustin.attention.decode import gathers_early, use_early_gather
 
     with use_early_gather(early):
-        assert early_gather(64, 64, True, True) == early and not early_gather(128, 128, True, True)
-        assert not early_gather(64, 64, False, True) and not early_gather(64, 64, True, False)
+        assert gathers_early(64, 64, True, True) == early and not gathers_early(128, 128, True, True)
+        assert not gathers_early(64, 64, False, True) and not gathers_early(64, 64, True, False)
         q, k, v, sl = make(3, 6, 2, 2, 64, 200, [190, 3, 120], DTYPES[0])
         g = torch.Generator(device=DEV).manual_seed(4)
         idx = torch.randint(-3, 195, (3, 70), device=DEV, generator=g, dtype=torch.int32)
@@ -242,6 +242,9 @@ def test_bad_input_is_refused():
         score_positions(q[:, :2], k, sl, [0, 1], out=torch.zeros(2, 50, device=DEV))
     with pytest.raises(DustinError, match=r"out must be float32 \(2, 1, 50\)"):
         score_positions(q[:, :2], k, sl, [0, 1], out=torch.zeros(2, 3, 50, device=DEV), sum_queries=True)
+    with pytest.raises(DustinError, match=r"out must be \(2, 1, 50\)"):  # the torch path, likewise
+        attention.score(q[:, :2], k, sl, torch.tensor([0, 1]), out=torch.zeros(2, 3, 50, device=DEV),
+                        sum_queries=True)
 
 
 def test_sparse_split_plan_follows_partial_size():

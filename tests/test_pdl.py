@@ -47,6 +47,9 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows. The
     attention gathers its first tile before its wait: the cache rows it reads there were written two
     kernels earlier (RoPE and the cache write), at positions and with values that change between replays."""
+    from dustin.attention.decode import default_tile, gathers_early
+
+    assert gathers_early(64, default_tile(64, True), True, True)  # the chain's attention does gather early
     pdl.set_enabled(on)
     g = torch.Generator(device="cuda").manual_seed(0)
     dev, dt = "cuda", torch.bfloat16

@@ -85,4 +85,6 @@ def score(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_hea
     s = reference.position_scores(q, k_cache, seq_lens, kv_heads)
     if sum_queries:
         s = s.sum(1, keepdim=True)
+    if out is not None and out.shape != s.shape:  # add_ would broadcast a [B, 1, S] row silently
+        raise DustinError(f"out must be {tuple(s.shape)}, got {tuple(out.shape)}")
     return s if out is None else out.add_(s)

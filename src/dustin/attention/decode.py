@@ -277,10 +277,11 @@ def use_early_gather(flag: bool):
         _early_gather = saved
 
 
-def early_gather(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bool:
+def gathers_early(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bool:
     """Whether index-set attention loads its first tile of keys and values before waiting for the
-    kernel before it: where the caller wants it (`wanted`) and the tile is small (at most 64 keys of
-    64 dims, a draft's). It is held in registers across the wait; a 72B tile (128 x 128) would spill."""
+    kernel before it: where the caller wants it (`wanted`) and the tile is small (at most 4096 elements,
+    such as a draft's 64 keys of 64 dims). It is held in registers across the wait; a 72B tile
+    (128 x 128) would spill."""
     return wanted and _early_gather and sparse and block_n * head_dim <= 64 * 64
 
 
@@ -307,9 +308,9 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
     (one wave; `round_up`: the fewest that reach it), each split >= `min_keys` keys.
 
     Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4
-    (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave and is the
-    slowest of the sweep at every shape, context and batch, by up to 35% (Qwen2.5-7B shape, 32k, batch
-    16: 5 splits, 320 programs, 341 us against 252 us for 4). Index sets are planned by
+    (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave: it is the
+    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 19-43% behind the best (Qwen2.5-7B
+    shape, 32k, batch 16: 5 splits, 320 programs, 341 us against 252 us for 4). Index sets are planned by
     `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
@@ -325,8 +326,9 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     (the sweeps in benchmarks/gpu/kernels.json and benchmarks/gpu/draft-kernels/kernels.json): with 32
     or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost about what
     the keys they save reading cost, and one program per SM, rounded down, is best (72B shape, batch 16:
-    one split, 16.2 us against 18.6 for two); a draft's one query per head has tiny partials and wants
-    two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 7.1 us against 9.0 for two).
+    one split of 64-key tiles, 15.5 us against 17.9 for two); a draft's one query per head has tiny
+    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.2 us against
+    7.7 for two).
     """
     per_sm = 1 if block_m >= 32 else 2
     return int(max(1, min(per_sm * _sm_count(device) // units, n_keys // block_n, 32)))
@@ -436,7 +438,7 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         out.stride(0), out.stride(1), out.stride(2), *s_c, Hkv, n_budget, k_cache.shape[2], LOG2E / math.sqrt(D),
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch,
-        EARLY=early_gather(D, block_n, sparse, early), ROPE=rope is not None,
+        EARLY=gathers_early(D, block_n, sparse, early), ROPE=rope is not None,
         PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
@@ -468,9 +470,10 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     in the kernel's last program instead of a second launch (launches dominate this small read);
     `prefetch` loads each tile's positions one tile ahead; `head_splits` shares a KV group's query heads
     among that many programs (each reads the group's keys; by default one program reads them for all);
-    `early_gather` gathers the first tile before the PDL wait, where it fits in registers (`dustin.pdl`):
-    it pays when the kernel launched just before is one of ours under PDL, and only holds registers
-    after cuBLAS."""
+    `early_gather` gathers the first tile before the PDL wait, where it fits in registers (`dustin.pdl`).
+    It is only correct if the kernel launched just before writes neither `seq_lens`, nor `indices`, nor
+    cache rows below the lengths; it pays when that kernel is one of ours under PDL (after cuBLAS
+    nothing overlaps)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
                    prefetch=prefetch, head_splits=head_splits, early=early_gather)
@@ -486,7 +489,7 @@ def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
     qkv: `[B, T, (n_heads + 2 Hkv) D]` with a contiguous last dimension; cos, sin: `[B, T, D]` float32;
     positions: `[B, T]` cache slots of the new tokens (`seq_lens[b] + t`, or a scratch slot for padding);
-    the rest as `sparse_attention`. Returns `[B, n_heads, T, D]`.
+    the rest as `sparse_attention` (`early_gather` with its precondition). Returns `[B, n_heads, T, D]`.
     """
     return _launch(qkv, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=True, check=check,

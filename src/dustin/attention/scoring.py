@@ -110,7 +110,8 @@ def default_tile(head_dim: int) -> int:
     """Keys per tile when a call gives none, about 16 KB of them. Measured on the H200 with one query
     at 32k, batch 16: at head dim 128, 64 keys four stages deep (Qwen2.5-72B shape, 44.2 us,
     benchmarks/gpu/kernels.json); at head dim 64, 128 keys three deep (Qwen2.5-0.5B shape, 29.3 us
-    against 32.9 for 64 keys four deep, benchmarks/gpu/draft-kernels)."""
+    against 32.9 for 64 keys four deep at the same split count, benchmarks/gpu/draft-kernels; 32 splits of
+    64 keys took 27.9)."""
     return 64 if head_dim >= 128 else 128
 
 

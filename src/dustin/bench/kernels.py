@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import reference
-from ..attention.decode import decode_attention, plan_splits, sparse_attention
+from ..attention.decode import decode_attention, default_tile, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
 from ..selection import split_kernels
 from ..selection.indices import budget_split
@@ -76,14 +76,15 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_rel_err"] = _rel(sparse_attention(q, k, v, lens, sets[0]),
                                  reference.sparse_attention(q, k, v, lens, sets[0]))
 
-    # the engine's plan, the split count that rounds up to a second wave, and double and half of it
-    splits = plan_splits(B, Hkv, S, k.device)
+    # the engine's plan (splits and tile), the split count that rounds up to a second wave, and double
+    # and half of it
+    splits, tile = plan_splits(B, Hkv, S, k.device), default_tile(D, False)
     full = {f"splits{n}-bn{bn}-w{w}": (lambda n=n, bn=bn, w=w: decode_attention(
         q, k, v, lens, n_splits=n, block_n=bn, num_warps=w, check=False))
         for n in sorted({splits, plan_splits(B, Hkv, S, k.device, round_up=True), 2 * splits, max(1, splits // 2)})
-        for bn, w in ((64, 4),)}
+        for bn, w in ((tile, 4),)}
     out["full_config"], out["full_s"], out["full_variants_s"] = _best(full)
-    out["full_default_config"] = f"splits{splits}-bn64-w4"  # what the engine runs
+    out["full_default_config"] = f"splits{splits}-bn{tile}-w4"  # what the engine runs
     out["full_default_s"] = _default(out["full_variants_s"], out["full_default_config"])
     if sdpa:  # what a user of PyTorch would run: SDPA with a boolean mask for the causal tail
         mask = reference.new_token_mask(lens, T, S)[:, None]

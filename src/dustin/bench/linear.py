@@ -42,12 +42,6 @@ VARIANTS = {
     "swap-bn128-bk64-splits1-s8": Plan(block_n=128, block_k=64, splits=1, swap=True, num_stages=8),
     "swap-bn128-bk128-splits1-s4": Plan(block_n=128, block_k=128, splits=1, swap=True, num_stages=4),
     "swap-bn128-bk64-w8-s6": Plan(block_n=128, block_k=64, swap=True, num_warps=8, num_stages=6),
-    # narrower column blocks in one pass over K: more programs than SMs without a split-K merge
-    "bn32-bk64-splits1-s6": Plan(block_n=32, block_k=64, splits=1, num_stages=6),
-    "bn32-bk128-splits1-s4": Plan(block_n=32, block_k=128, splits=1, num_stages=4),
-    "bn16-bk128-splits1-s4": Plan(block_n=16, block_k=128, splits=1, num_stages=4),
-    "bn16-bk256-splits1-w2-s3": Plan(block_n=16, block_k=256, splits=1, num_warps=2, num_stages=3),
-    "swap-bn32-bk64-splits1-s6": Plan(block_n=32, block_k=64, splits=1, swap=True, num_stages=6),
 }
 BACKENDS = ("torch", "down", "triton")
 
