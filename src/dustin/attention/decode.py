@@ -84,12 +84,15 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
     d = tl.arange(0, D)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
+    if SPARSE:
+        # the index set in whole tiles split evenly; the T new tokens are one small tile of the last split,
+        # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
+        lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
+        idx_ptr = Idx + b * s_ib + h * s_ih
     if EARLY:
         # the lengths, the index set and the cache below the lengths are older than the kernel before
         # this one (`dustin.pdl`): gather the first tile while that kernel finishes, and wait only for q
         L = tl.load(SeqLens + b)
-        lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
-        idx_ptr = Idx + b * s_ib + h * s_ih
         first = lo + tl.arange(0, BLOCK_N)
         idx0 = tl.load(idx_ptr + first, mask=first < hi, other=-1)
         ok0 = (idx0 >= 0) & (idx0 < L)
@@ -112,13 +115,8 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if SPARSE:
-        # the index set in whole tiles split evenly; the T new tokens are one small tile of the last split,
-        # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
         if EARLY:
             lo += BLOCK_N  # the loop below starts after the gathered first tile
-        else:
-            lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
-            idx_ptr = Idx + b * s_ib + h * s_ih
         if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
             first = lo + tl.arange(0, BLOCK_N)
             idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
@@ -245,36 +243,33 @@ def semaphores(device: torch.device, n: int) -> torch.Tensor:
 
 
 _sparse_tile: int | None = None  # `use_sparse_tiles`
-
-
-@contextlib.contextmanager
-def use_sparse_tiles(block_n: int | None):
-    """Within the block, index-set attention launched without a tiling reads `block_n`-key tiles
-    (None: the default plan): a benchmark compares tile sizes side by side in whole steps."""
-    global _sparse_tile
-    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
-        raise DustinError(f"sparse tiles must be a power of two >= 16 keys, got {block_n}")
-    saved, _sparse_tile = _sparse_tile, block_n
-    try:
-        yield
-    finally:
-        _sparse_tile = saved
-
-
 _early_gather = True  # `use_early_gather`
 
 
 @contextlib.contextmanager
+def _overriding(name: str, value):
+    """Sets this module's global `name` to `value` within the block."""
+    saved = globals()[name]
+    globals()[name] = value
+    try:
+        yield
+    finally:
+        globals()[name] = saved
+
+
+def use_sparse_tiles(block_n: int | None):
+    """Within the block, index-set attention launched without a tiling reads `block_n`-key tiles
+    (None: the default plan): a benchmark compares tile sizes side by side in whole steps."""
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise DustinError(f"sparse tiles must be a power of two >= 16 keys, got {block_n}")
+    return _overriding("_sparse_tile", block_n)
+
+
 def use_early_gather(flag: bool):
     """Within the block, index-set attention asked to gather its first tile before the PDL wait does so
     (True, the default) or gathers it after the wait like every other tile: a benchmark compares the two
     side by side in whole steps."""
-    global _early_gather
-    saved, _early_gather = _early_gather, bool(flag)
-    try:
-        yield
-    finally:
-        _early_gather = saved
+    return _overriding("_early_gather", bool(flag))
 
 
 def gathers_early(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bool:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
-from .decode import LOG2E, dot_precision, plan_splits, split_range
+from .decode import LOG2E, default_tile, dot_precision, plan_splits, split_range
 
 
 @triton.jit
@@ -106,15 +106,6 @@ def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
     tl.store(ptr, x, mask=mask)
 
 
-def default_tile(head_dim: int) -> int:
-    """Keys per tile when a call gives none, about 16 KB of them. Measured on the H200 with one query
-    at 32k, batch 16: at head dim 128, 64 keys four stages deep (Qwen2.5-72B shape, 44.2 us,
-    benchmarks/gpu/kernels.json); at head dim 64, 128 keys three deep (Qwen2.5-0.5B shape, 29.3 us
-    against 32.9 for 64 keys four deep at the same split count, benchmarks/gpu/draft-kernels; 32 splits of
-    64 keys took 27.9)."""
-    return 64 if head_dim >= 128 else 128
-
-
 @lru_cache(maxsize=64)
 def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen heads grouped by the KV head they read, as device tables made once (no copies inside a
@@ -139,9 +130,10 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     last dimension): add the scores into it instead, so that a policy sums layers without a pass of its
     own per layer. `num_warps` defaults to 8 for more than 8 rows per KV group (heads x queries: a
     draft's lookahead), else 4: so the logits launch measured faster on the H200 in isolation, 4 warps
-    for one query and 8 for four. `block_n` and `num_stages` default to `default_tile` keys, four stages
-    deep for 64 keys and three for more. `sum_queries`: the scores summed over the queries as well,
-    `[B, 1, S]` (a draft's lookahead queries count together): the T rows are never written.
+    for one query and 8 for four. `block_n` defaults to the whole cache's tile (`decode.default_tile`),
+    `num_stages` to four for 64 keys and three for more. `sum_queries`: the scores summed over the
+    queries as well, `[B, 1, S]` (a draft's lookahead queries count together): the T rows are never
+    written.
     """
     kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
     B, H, T, D = q.shape
@@ -170,7 +162,11 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     # a power of two: the merge kernel loads the splits' statistics as one vector
     splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True)
     n_splits = triton.next_power_of_2(splits)
-    block_n = block_n or default_tile(D)
+    # the full cache's tiles, about 16 KB of keys: measured on the H200 with one query at 32k, batch 16,
+    # 64 keys four stages deep at head dim 128 (Qwen2.5-72B shape, 44.2 us, benchmarks/gpu/kernels.json);
+    # 128 keys three deep at head dim 64 (Qwen2.5-0.5B shape, 29.3 us against 32.9 for 64 keys four deep
+    # at the same split count, benchmarks/gpu/draft-kernels; 32 splits of 64 keys took 27.9)
+    block_n = block_n or default_tile(D, False)
     num_stages = num_stages or (4 if block_n <= 64 else 3)
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
     n_tiles = triton.cdiv(S, block_n)
