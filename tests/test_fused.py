@@ -99,7 +99,8 @@ def test_ragged_prefill_near_the_end_of_the_cache_through_triton():
     assert rel_err(outs["triton"][1], outs["torch"][1]) < TOL_PATHS
 
 
-@pytest.mark.parametrize("rows,V,splits", [(1, 7, None), (3, 1000, 1), (5, 5000, 4), (2, 4097, None), (13, 3001, 8)])
+@pytest.mark.parametrize("rows,V,splits", [(1, 7, None), (3, 1000, 1), (5, 5000, 4), (2, 4097, None), (13, 3001, 8),
+                                         (4, 20000, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_argmax_matches_torch(rows, V, splits, dtype):
     """The split argmax kernel picks what torch.argmax picks: the first of tied maxima, a NaN over any

@@ -13,7 +13,8 @@ except ImportError:  # CPU-only installs use torch.argmax
 if triton is not None:
 
     @triton.jit
-    def _argmax_kernel(X, Out, PartV, PartI, Counter, V, s_x, chunk, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _argmax_kernel(X, Out, PartV, PartI, Counter, V, s_x, chunk, n_splits, SPLITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
         row = tl.program_id(0)
         split = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -37,14 +38,16 @@ if triton is not None:
         if SPLITS == 1:
             tl.store(Out + row, i.to(tl.int64))
         else:
-            # each split parks its (max, first index); the row's last split to finish picks among them
+            # each of the row's n_splits programs parks its (max, first index); the last to finish picks
+            # among them (SPLITS: n_splits rounded up to a power of two, the merge's width)
             tl.store(PartV + row * SPLITS + split, v)
             tl.store(PartI + row * SPLITS + split, i)
             tl.debug_barrier()
-            if tl.atomic_add(Counter + row, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            if tl.atomic_add(Counter + row, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
                 s = tl.arange(0, SPLITS)
-                pv = tl.load(PartV + row * SPLITS + s, cache_modifier=".cg")  # from L2, after the acquire
-                pi = tl.load(PartI + row * SPLITS + s, cache_modifier=".cg")
+                parked = s < n_splits  # from L2, after the acquire
+                pv = tl.load(PartV + row * SPLITS + s, mask=parked, other=float("-inf"), cache_modifier=".cg")
+                pi = tl.load(PartI + row * SPLITS + s, mask=parked, other=2147483647, cache_modifier=".cg")
                 pnan = pv != pv
                 phit = tl.where(tl.max(pnan.to(tl.int32), 0) > 0, pnan, pv == tl.max(pv, 0))
                 tl.store(Out + row, tl.min(tl.where(phit, pi, 2147483647), 0).to(tl.int64))
@@ -74,13 +77,14 @@ def _argmax_triton(logits: torch.Tensor, splits: int | None = None) -> torch.Ten
     block = 2048
     if splits is None:  # one block per program: a chain of loads in a program costs a latency each
         splits = min(256, triton.cdiv(V, block))
-    splits = triton.next_power_of_2(splits)
     chunk = triton.cdiv(triton.cdiv(V, splits), block) * block
-    part_v = torch.empty(rows * splits, dtype=torch.float32, device=x.device)
-    part_i = torch.empty(rows * splits, dtype=torch.int32, device=x.device)
+    used = triton.cdiv(V, chunk)  # every launched program has columns to read
+    width = triton.next_power_of_2(used)
+    part_v = torch.empty(rows * width, dtype=torch.float32, device=x.device)
+    part_i = torch.empty(rows * width, dtype=torch.int32, device=x.device)
     counter = semaphores(x.device, rows)
-    _argmax_kernel[(rows, splits)](x, out, part_v, part_i, counter, V, x.stride(0), chunk, SPLITS=splits,
-                                   BLOCK=block, num_warps=8)
+    _argmax_kernel[(rows, used)](x, out, part_v, part_i, counter, V, x.stride(0), chunk, used, SPLITS=width,
+                                 BLOCK=block, num_warps=8)
     return out.view(logits.shape[:-1])
 
 
