@@ -70,6 +70,29 @@ def test_bench_sweep_holds_every_planned_draft_projection():
             assert choose(n2 // 2 if silu else n2, k, silu=silu) in VARIANTS.values(), (shape, name)
 
 
+def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
+    """Coordinate descent from the start plans: a variant replaces a projection's plan only when the
+    whole pass gets faster by more than the margin, and every trial is kept."""
+    from dustin.bench.linear import VARIANTS, tune_in_pass
+    from dustin.linear import choose
+
+    keys = {"o": (896, 896, False, 16), "down": (896, 4864, False, 16)}
+    start = {keys["o"]: VARIANTS["plain"]}  # down starts from `choose`
+    gains = {(keys["o"], "swap-bn64-bk128-splits1-s4"): 0.2, (keys["down"], "plain"): 0.005,
+             (keys["down"], "swap-bn128-bk64-s6"): 0.05}
+    label = {p: k for k, p in VARIANTS.items()}
+
+    def time_pass(plans):
+        return 1.0 - sum(gains.get((key, label[p]), 0.0) for key, p in plans.items())
+
+    out = tune_in_pass(time_pass, keys, start)
+    assert out["plans"] == {"o": "swap-bn64-bk128-splits1-s4", "down": "swap-bn128-bk64-s6"}
+    assert out["pass_s"] == pytest.approx(0.75)
+    assert out["trials"]["start"] == 1.0 and len(out["trials"]["o"]) == len(VARIANTS) - 1
+    assert out["trials"]["down"]["plain"] == pytest.approx(0.795)  # a gain under the margin is not taken
+    assert choose(896, 4864) in VARIANTS.values()
+
+
 def test_linear_keeps_leading_dims_and_refuses_bad_input():
     x = torch.randn(2, 3, 32, device=DEV, dtype=DTYPE)
     w = torch.randn(16, 32, device=DEV, dtype=DTYPE)

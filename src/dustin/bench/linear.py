@@ -7,7 +7,8 @@ Per draft shape, two measurements:
   every weight comes from memory, and timing one resident copy would flatter every variant;
 - per pass: a whole decode pass of the draft (one token per sequence, an index set of `budget` entries
   at `context`, the LM head included) for each linear backend under the plans `linear.choose` makes,
-  and for the fused backends again under the best measured plan of each projection (`linear.use_plans`).
+  and for the fused backends again under the best measured plan of each projection (`linear.use_plans`)
+  and under plans tuned in whole passes (`tune_in_pass`), since a plan also changes its neighbours.
 The sweep holds every plan `linear.choose` makes for the draft shapes, so the planned time of each
 projection is one of the measured variants.
 Everything is timed as CUDA-graph replays; the weight bytes over the copy bandwidth give the floor.
@@ -100,8 +101,9 @@ def bench_projections(shape: str, rows: int, *, device="cuda", dtype=torch.bfloa
 
 
 def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int, device="cuda",
-                 dtype=torch.bfloat16) -> dict:
-    """Seconds per decode pass of the draft for each backend, and under the measured best plans."""
+                 dtype=torch.bfloat16) -> tuple[dict, dict]:
+    """Seconds per decode pass of the draft for each backend, under the measured best plans, and under
+    plans tuned in whole passes (`tune_in_pass`); returns those and the tuning's record."""
     args = dataclasses.replace(get_shape(shape), max_position_embeddings=max(context + 64, 32768))
     model = random_model(args, device=torch.device(device), dtype=dtype)
     cache = model.setup_cache(rows, context + 64)
@@ -120,7 +122,43 @@ def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int
         if backend != "torch":
             with use_plans(best):
                 out[f"{backend}+measured-plans"] = time_graph(step, calls=4)
-    return out
+    model.linear_backend = "triton"
+    keys = {name: (spec["shape"][0] // (2 if spec.get("silu") else 1), spec["shape"][1], bool(spec.get("silu")),
+                   row_block(rows)) for name, spec in _layers(shape, device, dtype, g).items()}
+    tuning = tune_in_pass(lambda plans: _timed_under(plans, step), keys, best)
+    for backend in BACKENDS[1:]:
+        model.linear_backend = backend
+        with use_plans({keys[name]: VARIANTS[label] for name, label in tuning["plans"].items()}):
+            out[f"{backend}+tuned-plans"] = time_graph(step, calls=4)
+    return out, tuning
+
+
+def _timed_under(plans: dict, step) -> float:
+    with use_plans(plans):
+        return time_graph(step, calls=4)
+
+
+def tune_in_pass(time_pass, keys: dict, start: dict, *, margin: float = 0.01) -> dict:
+    """Coordinate descent over the sweep's plans, timed in whole passes: a projection's plan changes the
+    neighbouring launches too (split-K's parked sums and semaphores, how early the next kernel may
+    start), so the best plan alone is not always the best plan in a pass. From `start` (plans keyed
+    like `use_plans`), each projection in turn tries every variant with the others held, keeping one
+    that beats the current pass by more than `margin`. Returns the chosen variant per projection and
+    every trial's seconds per pass."""
+    labels = {p: label for label, p in reversed(list(VARIANTS.items()))}
+    current = {key: start.get(key, choose(key[0], key[1], silu=key[2], block_m=key[3])) for key in keys.values()}
+    base = time_pass(current)
+    trials = {"start": base}
+    for name, key in keys.items():
+        trials[name] = {}
+        for label, p in VARIANTS.items():
+            if p == current[key]:
+                continue
+            t = trials[name][label] = time_pass({**current, key: p})
+            if t < base * (1 - margin):
+                current, base = {**current, key: p}, t
+    return {"plans": {name: labels.get(current[key], "?") for name, key in keys.items()}, "pass_s": base,
+            "trials": trials}
 
 
 def summarise(case: dict, bw: float) -> dict:
@@ -155,7 +193,7 @@ def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=
                            "layers": bench_projections(shape, m)}, bw)
             best = {(r["n"], r["k"], name == "gate_up", row_block(m)): VARIANTS[r["fused_best"]]
                     for name, r in c["layers"].items()}
-            c["pass_s"] = bench_passes(shape, m, best, context=context, budget=budget)
+            c["pass_s"], c["pass_tuning"] = bench_passes(shape, m, best, context=context, budget=budget)
             cases.append(c)
             torch.cuda.empty_cache()
             progress(f"{shape} x{m}: per block cuBLAS path {c['cublas_block_s'] * 1e6:.1f} us, fused "
@@ -184,6 +222,10 @@ def table(record: dict) -> str:
     for c in record["cases"]:
         rows.append(f"| {c['shape']} | {c['rows']} | {c['context']} | {c['budget']} | "
                     + " | ".join(f"{c['pass_s'][k] * 1e3:.3f}" for k in keys) + " |")
+    rows += ["", "| shape | rows | plans tuned in whole passes (qkv, o, gate_up, down) |", "|---|---|---|"]
+    for c in record["cases"]:
+        tuned = c.get("pass_tuning", {}).get("plans", {})
+        rows.append(f"| {c['shape']} | {c['rows']} | " + ", ".join(f"{k}: {v}" for k, v in tuned.items()) + " |")
     return "\n".join(rows)
 
 
