@@ -91,6 +91,9 @@ def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
     assert out["trials"]["start"] == 1.0 and len(out["trials"]["o"]) == len(VARIANTS) - 1
     assert out["trials"]["down"]["plain"] == pytest.approx(0.795)  # a gain under the margin is not taken
     assert choose(896, 4864) in VARIANTS.values()
+    # a variant that failed alone (say, out of shared memory) is never tried in a pass
+    out = tune_in_pass(time_pass, keys, start, {"o": ["plain"], "down": ["plain", "swap-bn64-bk128-s4"]})
+    assert out["plans"] == {"o": "plain", "down": "swap-bn64-bk128-s4"} and out["trials"]["o"] == {}
 
 
 def test_linear_keeps_leading_dims_and_refuses_bad_input():

@@ -100,10 +100,11 @@ def bench_projections(shape: str, rows: int, *, device="cuda", dtype=torch.bfloa
     return out
 
 
-def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int, device="cuda",
+def bench_passes(shape: str, rows: int, best: dict, candidates: dict, *, context: int, budget: int, device="cuda",
                  dtype=torch.bfloat16) -> tuple[dict, dict]:
     """Seconds per decode pass of the draft for each backend, under the measured best plans, and under
-    plans tuned in whole passes (`tune_in_pass`); returns those and the tuning's record."""
+    plans tuned in whole passes (`tune_in_pass`, over each projection's `candidates`: the variants that
+    compiled and matched the reference alone); returns those and the tuning's record."""
     args = dataclasses.replace(get_shape(shape), max_position_embeddings=max(context + 64, 32768))
     model = random_model(args, device=torch.device(device), dtype=dtype)
     cache = model.setup_cache(rows, context + 64)
@@ -125,7 +126,7 @@ def bench_passes(shape: str, rows: int, best: dict, *, context: int, budget: int
     model.linear_backend = "triton"
     keys = {name: (spec["shape"][0] // (2 if spec.get("silu") else 1), spec["shape"][1], bool(spec.get("silu")),
                    row_block(rows)) for name, spec in _layers(shape, device, dtype, g).items()}
-    tuning = tune_in_pass(lambda plans: _timed_under(plans, step), keys, best)
+    tuning = tune_in_pass(lambda plans: _timed_under(plans, step), keys, best, candidates)
     for backend in BACKENDS[1:]:
         model.linear_backend = backend
         with use_plans({keys[name]: VARIANTS[label] for name, label in tuning["plans"].items()}):
@@ -138,13 +139,14 @@ def _timed_under(plans: dict, step) -> float:
         return time_graph(step, calls=4)
 
 
-def tune_in_pass(time_pass, keys: dict, start: dict, *, margin: float = 0.01) -> dict:
+def tune_in_pass(time_pass, keys: dict, start: dict, candidates: dict | None = None, *,
+                 margin: float = 0.01) -> dict:
     """Coordinate descent over the sweep's plans, timed in whole passes: a projection's plan changes the
     neighbouring launches too (split-K's parked sums and semaphores, how early the next kernel may
     start), so the best plan alone is not always the best plan in a pass. From `start` (plans keyed
-    like `use_plans`), each projection in turn tries every variant with the others held, keeping one
-    that beats the current pass by more than `margin`. Returns the chosen variant per projection and
-    every trial's seconds per pass."""
+    like `use_plans`), each projection in turn tries every variant (of its `candidates`, by default all)
+    with the others held, keeping one that beats the current pass by more than `margin`. Returns the
+    chosen variant per projection and every trial's seconds per pass."""
     labels = {p: label for label, p in reversed(list(VARIANTS.items()))}
     current = {key: start.get(key, choose(key[0], key[1], silu=key[2], block_m=key[3])) for key in keys.values()}
     base = time_pass(current)
@@ -152,7 +154,7 @@ def tune_in_pass(time_pass, keys: dict, start: dict, *, margin: float = 0.01) ->
     for name, key in keys.items():
         trials[name] = {}
         for label, p in VARIANTS.items():
-            if p == current[key]:
+            if p == current[key] or (candidates is not None and label not in candidates[name]):
                 continue
             t = trials[name][label] = time_pass({**current, key: p})
             if t < base * (1 - margin):
@@ -173,7 +175,8 @@ def summarise(case: dict, bw: float) -> dict:
             if key not in ok:
                 raise DustinError(f"{case['shape']} {name}: the fused kernel's plan {key} failed or missed the "
                                   f"reference: {times.get(key)}, error {r['rel_err'].get(key)}")
-        r.update(fused_plain_s=ok["plain"], fused_planned_s=ok[r["fused_planned"]], fused_best=min(ok, key=ok.get),
+        r.update(fused_ok=sorted(ok), fused_plain_s=ok["plain"], fused_planned_s=ok[r["fused_planned"]],
+                 fused_best=min(ok, key=ok.get),
                  fused_best_s=min(ok.values()))
     for key in ("cublas", "fused_plain", "fused_planned", "fused_best"):
         case[f"{key}_block_s"] = sum(r[f"{key}_s"] for r in case["layers"].values())
@@ -193,7 +196,8 @@ def run(*, shapes=DRAFT_SHAPES, rows=(16,), context=32768, budget=528, progress=
                            "layers": bench_projections(shape, m)}, bw)
             best = {(r["n"], r["k"], name == "gate_up", row_block(m)): VARIANTS[r["fused_best"]]
                     for name, r in c["layers"].items()}
-            c["pass_s"], c["pass_tuning"] = bench_passes(shape, m, best, context=context, budget=budget)
+            candidates = {name: r["fused_ok"] for name, r in c["layers"].items()}
+            c["pass_s"], c["pass_tuning"] = bench_passes(shape, m, best, candidates, context=context, budget=budget)
             cases.append(c)
             torch.cuda.empty_cache()
             progress(f"{shape} x{m}: per block cuBLAS path {c['cublas_block_s'] * 1e6:.1f} us, fused "
