@@ -56,6 +56,8 @@ def test_plans_by_kind_of_projection():
     assert choose(4864, 896, silu=True).swap and choose(4864, 896, silu=True).splits == 1  # gate/up
     assert choose(896, 4864).swap and choose(3072, 2048).swap  # 4M weight elements and more
     assert choose(1152, 896) == Plan()  # a small one: the plain plan
+    small_residual = choose(896, 896, residual=True)  # the attention's o: out^T in one pass over K
+    assert small_residual.swap and small_residual.splits == 1 and choose(896, 4864, residual=True) == choose(896, 4864)
 
 
 def test_bench_sweep_holds_every_planned_draft_projection():
@@ -67,7 +69,8 @@ def test_bench_sweep_holds_every_planned_draft_projection():
         for name, spec in _layers(shape, "cpu", torch.float32, torch.Generator().manual_seed(0)).items():
             n2, k = spec["shape"]
             silu = spec.get("silu", False)
-            assert choose(n2 // 2 if silu else n2, k, silu=silu) in VARIANTS.values(), (shape, name)
+            plan = choose(n2 // 2 if silu else n2, k, silu=silu, residual=spec.get("residual", False))
+            assert plan in VARIANTS.values(), (shape, name)
 
 
 def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
@@ -77,7 +80,7 @@ def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
     from dustin.linear import choose
 
     keys = {"o": (896, 896, False, 16), "down": (896, 4864, False, 16)}
-    start = {keys["o"]: VARIANTS["plain"]}  # down starts from `choose`
+    start = {keys["o"]: VARIANTS["plain"], keys["down"]: choose(896, 4864, residual=True)}
     gains = {(keys["o"], "swap-bn64-bk128-splits1-s4"): 0.2, (keys["down"], "plain"): 0.005,
              (keys["down"], "swap-bn128-bk64-s6"): 0.05}
     label = {p: k for k, p in VARIANTS.items()}
@@ -90,7 +93,6 @@ def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
     assert out["pass_s"] == pytest.approx(0.75)
     assert out["trials"]["start"] == 1.0 and len(out["trials"]["o"]) == len(VARIANTS) - 1
     assert out["trials"]["down"]["plain"] == pytest.approx(0.795)  # a gain under the margin is not taken
-    assert choose(896, 4864) in VARIANTS.values()
     # a variant that failed alone (say, out of shared memory) is never tried in a pass
     out = tune_in_pass(time_pass, keys, start, {"o": ["plain"], "down": ["plain", "swap-bn64-bk128-s4"]})
     assert out["plans"] == {"o": "plain", "down": "swap-bn64-bk128-s4"} and out["trials"]["o"] == {}

@@ -226,31 +226,35 @@ def use_plans(plans: dict[tuple[int, int, bool, int], Plan]):
         _measured.update(saved)
 
 
-def choose(n: int, k: int, *, silu: bool = False, block_m: int = 16) -> Plan:
+def choose(n: int, k: int, *, silu: bool = False, residual: bool = False, block_m: int = 16) -> Plan:
     """The plan for an `[n, k]` projection before its depth and splits are resolved: a measured one from
-    `use_plans`, else by the kind of projection, as the H200 sweep over cold weights found best at 16
+    `use_plans`, else by the kind of projection, as the H200 sweeps over cold weights found best at 16
     rows (benchmarks/gpu/linear.json): gate/up with SiLU in one pass over K as out^T, 64-deep blocks six
     stages deep (Qwen2.5-0.5B 9.5 us against 15.5 for the plain plan); other weights of 4M elements or
     more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.2 against 15.2 us, down 12.6 against 14.4);
-    smaller ones in the plain plan (Qwen2.5-0.5B qkv 3.9 against 4.2 us)."""
+    a smaller one that adds the residual (the attention's o) the same but in one pass over K, which
+    times the same alone (3.6 us) but made whole Qwen2.5-0.5B passes 0.812 ms against 0.887 with split
+    K; other small ones in the plain plan (Qwen2.5-0.5B qkv 3.9 against 4.2 us)."""
     if (n, k, silu, block_m) in _measured:
         return _measured[(n, k, silu, block_m)]
     if silu:
         return Plan(block_n=64, block_k=64, splits=1, swap=True, num_stages=6)
     if n * k >= 1 << 22:
         return Plan(block_n=64, block_k=128, swap=True, num_stages=4)
+    if residual:
+        return Plan(block_n=64, block_k=128, splits=1, swap=True, num_stages=4)
     return Plan()
 
 
-def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = False, block_m: int = 16,
-         **fixed) -> Plan:
+def plan(n: int, k: int, m_blocks: int, device: torch.device, *, silu: bool = False, residual: bool = False,
+         block_m: int = 16, **fixed) -> Plan:
     """`choose`'s plan, or with any of `fixed` given (not None) the `Plan` of those fields alone; then
     unless given, the depth block is the deepest up to 256 that divides K, and K is split so that there
     are about two programs per SM."""
     from .attention.decode import _sm_count
 
     given = {f: v for f, v in fixed.items() if v is not None}
-    p = Plan(**given) if given else choose(n, k, silu=silu, block_m=block_m)
+    p = Plan(**given) if given else choose(n, k, silu=silu, residual=residual, block_m=block_m)
     block_k = p.block_k
     if block_k is None:
         block_k = 256
@@ -301,8 +305,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     out2 = out.view(-1, N)
     block_m = row_block(M)
-    p = plan(N, K, triton.cdiv(M, block_m), x.device, silu=silu, block_m=block_m, block_n=block_n, block_k=block_k,
-             splits=splits, swap=swap, num_warps=num_warps, num_stages=num_stages)
+    p = plan(N, K, triton.cdiv(M, block_m), x.device, silu=silu, residual=residual is not None, block_m=block_m,
+             block_n=block_n, block_k=block_k, splits=splits, swap=swap, num_warps=num_warps, num_stages=num_stages)
     bn, bk = p.block_n, p.block_k
     k_per = triton.cdiv(triton.cdiv(K, p.splits), bk) * bk
     splits = triton.cdiv(K, k_per)  # no empty split

@@ -143,12 +143,12 @@ def tune_in_pass(time_pass, keys: dict, start: dict, candidates: dict | None = N
                  margin: float = 0.01) -> dict:
     """Coordinate descent over the sweep's plans, timed in whole passes: a projection's plan changes the
     neighbouring launches too (split-K's parked sums and semaphores, how early the next kernel may
-    start), so the best plan alone is not always the best plan in a pass. From `start` (plans keyed
-    like `use_plans`), each projection in turn tries every variant (of its `candidates`, by default all)
+    start), so the best plan alone is not always the best plan in a pass. From `start` (a plan for each
+    of `keys`, keyed like `use_plans`), each projection in turn tries every variant (of its `candidates`, by default all)
     with the others held, keeping one that beats the current pass by more than `margin`. Returns the
     chosen variant per projection and every trial's seconds per pass."""
     labels = {p: label for label, p in reversed(list(VARIANTS.items()))}
-    current = {key: start.get(key, choose(key[0], key[1], silu=key[2], block_m=key[3])) for key in keys.values()}
+    current = {key: start[key] for key in keys.values()}
     base = time_pass(current)
     trials = {"start": base}
     for name, key in keys.items():
@@ -169,7 +169,8 @@ def summarise(case: dict, bw: float) -> dict:
     for name, r in case["layers"].items():
         times = r["fused_variants_s"]
         ok = {key: v for key, v in times.items() if isinstance(v, float) and r["rel_err"].get(key, 1.0) < 2e-2}
-        planned = choose(r["n"], r["k"], silu=name == "gate_up", block_m=row_block(case["rows"]))
+        planned = choose(r["n"], r["k"], silu=name == "gate_up", residual=name in ("o", "down"),
+                         block_m=row_block(case["rows"]))
         r["fused_planned"] = next((key for key, p in VARIANTS.items() if p == planned), None)
         for key in ("plain", r["fused_planned"]):
             if key not in ok:
