@@ -16,7 +16,7 @@ second launch. Reference: `linear_reference`.
 With `swap` a program accumulates out^T = W @ x^T instead: the weight's columns fill the 64-row side
 of Hopper's warpgroup MMA and the few rows its short side, where x @ W^T would pad 16 rows to a tile.
 `choose` picks a plan per kind of projection. Measured on the H200 over cold weights
-(`benchmarks/gpu/linear.md`), a Qwen2.5-0.5B block's four projections take 23.0 us here against 29.1
+(`benchmarks/gpu/linear.md`), a Qwen2.5-0.5B block's four projections take 22.8 us here against 28.9
 for cuBLAS plus its norm and SiLU kernels; end to end (`benchmarks/gpu/e2e.json`) the all-fused draft
 (`Transformer.linear_backend = "triton"`) is the faster for Qwen2.5-0.5B and cuBLAS with only the down
 projection here (`"down"`) for Llama-3.2-1B, which is what `"auto"` picks.
@@ -230,11 +230,12 @@ def choose(n: int, k: int, *, silu: bool = False, residual: bool = False, block_
     """The plan for an `[n, k]` projection before its depth and splits are resolved: a measured one from
     `use_plans`, else by the kind of projection, as the H200 sweeps over cold weights found best at 16
     rows (benchmarks/gpu/linear.json): gate/up with SiLU in one pass over K as out^T, 64-deep blocks six
-    stages deep (Qwen2.5-0.5B 9.5 us against 15.5 for the plain plan); other weights of 4M elements or
-    more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.2 against 15.2 us, down 12.6 against 14.4);
-    a smaller one that adds the residual (the attention's o) the same but in one pass over K, which
-    times the same alone (3.6 us) but made whole Qwen2.5-0.5B passes 0.812 ms against 0.887 with split
-    K; other small ones in the plain plan (Qwen2.5-0.5B qkv 3.9 against 4.2 us)."""
+    stages deep (Qwen2.5-0.5B 9.3 us against 15.4 for the plain plan); other weights of 4M elements or
+    more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.0 against 14.9 us, down 12.8 against 14.6);
+    a smaller one that adds the residual (the attention's o) the same but in one pass over K, the plan
+    that `bench linear`'s tuning in whole passes kept for Qwen2.5-0.5B, though alone it times about as
+    the plain plan does (3.5 against 3.6 us); other small ones in the plain plan (Qwen2.5-0.5B qkv 4.0
+    against 4.1 us)."""
     if (n, k, silu, block_m) in _measured:
         return _measured[(n, k, silu, block_m)]
     if silu:

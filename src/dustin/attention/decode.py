@@ -285,7 +285,7 @@ def default_tile(head_dim: int, sparse: bool) -> int:
     tiles. An index set at head dim 128 in 128-key tiles: fewer gathered rounds (72B shape, batch 16:
     14.8 us against 15.5 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
     of them in shared memory. Whole steps at the 7B and 8B shapes do not tell the two apart
-    (benchmarks/gpu/e2e.json: 9.13 against 9.12 ms for Qwen2.5-7B, 10.65 with either for Llama-3.1-8B)."""
+    (benchmarks/gpu/e2e.json: 8.89 against 8.88 ms for Qwen2.5-7B, 10.67 against 10.68 for Llama-3.1-8B)."""
     if sparse:
         return _sparse_tile or (128 if head_dim == 128 else 64)
     return 64 if head_dim >= 128 else 128
