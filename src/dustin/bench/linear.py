@@ -144,9 +144,9 @@ def tune_in_pass(time_pass, keys: dict, start: dict, candidates: dict | None = N
     """Coordinate descent over the sweep's plans, timed in whole passes: a projection's plan changes the
     neighbouring launches too (split-K's parked sums and semaphores, how early the next kernel may
     start), so the best plan alone is not always the best plan in a pass. From `start` (a plan for each
-    of `keys`, keyed like `use_plans`), each projection in turn tries every variant (of its `candidates`, by default all)
-    with the others held, keeping one that beats the current pass by more than `margin`. Returns the
-    chosen variant per projection and every trial's seconds per pass."""
+    of `keys`, keyed like `use_plans`), each projection in turn tries every variant (of its `candidates`,
+    by default all) with the others held, keeping one that beats the current pass by more than `margin`.
+    Returns the chosen variant per projection and every trial's seconds per pass."""
     labels = {p: label for label, p in reversed(list(VARIANTS.items()))}
     current = {key: start[key] for key in keys.values()}
     base = time_pass(current)
@@ -177,8 +177,7 @@ def summarise(case: dict, bw: float) -> dict:
                 raise DustinError(f"{case['shape']} {name}: the fused kernel's plan {key} failed or missed the "
                                   f"reference: {times.get(key)}, error {r['rel_err'].get(key)}")
         r.update(fused_ok=sorted(ok), fused_plain_s=ok["plain"], fused_planned_s=ok[r["fused_planned"]],
-                 fused_best=min(ok, key=ok.get),
-                 fused_best_s=min(ok.values()))
+                 fused_best=min(ok, key=ok.get), fused_best_s=min(ok.values()))
     for key in ("cublas", "fused_plain", "fused_planned", "fused_best"):
         case[f"{key}_block_s"] = sum(r[f"{key}_s"] for r in case["layers"].values())
     case["floor_block_s"] = sum(r["weight_bytes"] for r in case["layers"].values()) / bw
