@@ -69,34 +69,36 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
 
 @triton.jit
 def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
-                      H: tl.constexpr, T: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                      BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
+                      H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
+    # every (head, query) row of the block at once: each row's statistics, logits and tile maxima are
+    # loaded together, not in a chain of H x T dependent rounds (the draft's 16 rows made one such chain)
     b = tl.program_id(0)
     blk = tl.program_id(1)
     L = tl.load(SeqLens + b)
     pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-    in_cache = pos < S
+    r = tl.arange(0, ROWS)  # row r: head r // T, query r % T
+    t = r % T
+    row_ok = r < H * T
     splits = tl.arange(0, N_SPLITS)
-    over_t = tl.zeros([BLOCK_S], tl.float32)
-    for t in tl.static_range(T):
-        total = tl.zeros([BLOCK_S], tl.float32)
-        visible = in_cache & (pos <= L + t)
-        for h in tl.static_range(H):
-            part = ((b * H + h) * T + t) * N_SPLITS + splits
-            pm = tl.load(PartM + part)
-            m = tl.max(pm, 0)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            denom = tl.sum(tl.load(PartL + part) * tl.exp2(pm - m_safe), 0)
-            x = tl.load(Logits + b * s_lb + h * s_lh + t * s_lt + pos, mask=visible, other=float("-inf"))
-            m_tile = tl.load(TileMax + ((b * H + h) * T + t) * n_tiles + pos // BLOCK_N, mask=visible, other=0.0)
-            total += tl.exp2(x.to(tl.float32) + m_tile - m_safe) / denom
-        total = tl.where(visible, total, 0.0)
-        if SUM_T:
-            over_t += total
-        else:
-            _write(Out + b * s_ob + t * s_ot + pos, total, in_cache, ACCUMULATE)
+    part = (b * H * T + r)[:, None] * N_SPLITS + splits[None, :]
+    pm = tl.load(PartM + part, mask=row_ok[:, None], other=0.0)
+    m = tl.max(pm, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.sum(tl.load(PartL + part, mask=row_ok[:, None], other=1.0) * tl.exp2(pm - m_safe[:, None]), 1)
+    visible = row_ok[:, None] & (pos[None, :] < S) & (pos[None, :] <= L + t[:, None])
+    x = tl.load(Logits + b * s_lb + (r // T)[:, None] * s_lh + t[:, None] * s_lt + pos[None, :], mask=visible,
+                other=float("-inf"))
+    m_tile = tl.load(TileMax + (b * H * T + r)[:, None] * n_tiles + pos[None, :] // BLOCK_N, mask=visible,
+                     other=0.0)
+    p = tl.where(visible, tl.exp2(x.to(tl.float32) + m_tile - m_safe[:, None]) / denom[:, None], 0.0)
+    in_cache = pos < S
     if SUM_T:
-        _write(Out + b * s_ob + pos, over_t, in_cache, ACCUMULATE)
+        _write(Out + b * s_ob + pos, tl.sum(p, 0), in_cache, ACCUMULATE)
+    else:
+        for q in tl.static_range(T):
+            _write(Out + b * s_ob + q * s_ot + pos, tl.sum(tl.where((t == q)[:, None], p, 0.0), 0), in_cache,
+                   ACCUMULATE)
 
 
 @triton.jit
@@ -182,9 +184,10 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
-    block_s = 1024
+    rows = triton.next_power_of_2(H * T)
+    block_s = max(128, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
-        out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, N_SPLITS=n_splits, BLOCK_S=block_s, BLOCK_N=block_n,
-        ACCUMULATE=accumulate, SUM_T=sum_queries, num_warps=4)
+        out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, ROWS=rows, N_SPLITS=n_splits, BLOCK_S=block_s,
+        BLOCK_N=block_n, ACCUMULATE=accumulate, SUM_T=sum_queries, num_warps=4)
     return out
