@@ -283,7 +283,7 @@ def gathers_early(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bo
 def default_tile(head_dim: int, sparse: bool) -> int:
     """Keys per tile when a launch gives none. The whole cache: the H200 sweep found no gain in larger
     tiles. An index set at head dim 128 in 128-key tiles: fewer gathered rounds (72B shape, batch 16:
-    14.8 us against 15.5 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
+    14.7 us against 15.4 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
     of them in shared memory. Whole steps at the 7B and 8B shapes do not tell the two apart
     (benchmarks/gpu/e2e.json: 8.89 against 8.88 ms for Qwen2.5-7B, 10.67 against 10.68 for Llama-3.1-8B)."""
     if sparse:
@@ -321,9 +321,9 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     (the sweeps in benchmarks/gpu/kernels.json and benchmarks/gpu/draft-kernels/kernels.json): with 32
     or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost about what
     the keys they save reading cost, and one program per SM, rounded down, is best (72B shape, batch 16:
-    one split of 64-key tiles, 15.5 us against 17.9 for two); a draft's one query per head has tiny
-    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.2 us against
-    7.7 for two).
+    one split of 64-key tiles, 15.4 us against 17.5 for two); a draft's one query per head has tiny
+    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 7.0 us against
+    8.5 for two).
     """
     per_sm = 1 if block_m >= 32 else 2
     return int(max(1, min(per_sm * _sm_count(device) // units, n_keys // block_n, 32)))
