@@ -304,8 +304,8 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
 
     Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4
     (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave: it is the
-    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 19-43% behind the best (Qwen2.5-7B
-    shape, 32k, batch 16: 5 splits, 320 programs, 341 us against 252 us for 4). Index sets are planned by
+    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 20-41% behind the best (Qwen2.5-7B
+    shape, 32k, batch 16: 5 splits, 320 programs, 338 us against 253 us for 4). Index sets are planned by
     `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
