@@ -96,6 +96,21 @@ def test_tuning_in_whole_passes_takes_a_plan_only_when_the_pass_gains():
     # a variant that failed alone (say, out of shared memory) is never tried in a pass
     out = tune_in_pass(time_pass, keys, start, {"o": ["plain"], "down": ["plain", "swap-bn64-bk128-s4"]})
     assert out["plans"] == {"o": "plain", "down": "swap-bn64-bk128-s4"} and out["trials"]["o"] == {}
+    assert out["trials"]["down"].keys() == {"plain"}  # tried, and under the margin
+
+
+def test_linear_plans_by_its_epilogue(monkeypatch):
+    """`linear` tells the planner whether the projection adds a residual (the attention's o does)."""
+    from dustin import linear as lin
+
+    seen = []
+    real = lin.choose
+    monkeypatch.setattr(lin, "choose", lambda *a, **kw: seen.append(kw["residual"]) or real(*a, **kw))
+    x = torch.randn(3, 64, device=DEV, dtype=DTYPE)
+    w = torch.randn(32, 64, device=DEV, dtype=DTYPE) / 8
+    linear(x, w)
+    linear(x, w, residual=torch.zeros(3, 32, device=DEV, dtype=DTYPE))
+    assert seen == [False, True]
 
 
 def test_linear_keeps_leading_dims_and_refuses_bad_input():

@@ -233,9 +233,9 @@ def choose(n: int, k: int, *, silu: bool = False, residual: bool = False, block_
     stages deep (Qwen2.5-0.5B 9.3 us against 15.4 for the plain plan); other weights of 4M elements or
     more as out^T in 128-deep blocks (Llama-3.2-1B qkv 9.0 against 14.9 us, down 12.8 against 14.6);
     a smaller one that adds the residual (the attention's o) the same but in one pass over K, the plan
-    that `bench linear`'s tuning in whole passes kept for Qwen2.5-0.5B, though alone it times about as
-    the plain plan does (3.5 against 3.6 us); other small ones in the plain plan (Qwen2.5-0.5B qkv 4.0
-    against 4.1 us)."""
+    that `bench linear`'s tuning in whole passes kept for Qwen2.5-0.5B (alone both take 3.55 us; in a
+    pass the plain plan cost 0.891 ms against 0.813); other small ones in the plain plan (Qwen2.5-0.5B
+    qkv 4.0 against 4.1 us)."""
     if (n, k, silu, block_m) in _measured:
         return _measured[(n, k, silu, block_m)]
     if silu:

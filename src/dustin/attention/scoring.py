@@ -185,7 +185,7 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
     rows = triton.next_power_of_2(H * T)
-    block_s = max(128, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
+    block_s = max(16, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
         out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, ROWS=rows, N_SPLITS=n_splits, BLOCK_S=block_s,
