@@ -33,6 +33,37 @@ def test_linear_matches_reference(rows, n, k, norm, silu, residual, bias):
             assert rel_err(out.float(), expect) < TOL, (splits, swap)
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 24, 40), (13, 100, 200), (33, 48, 129)])
+@pytest.mark.parametrize("norm,silu,residual,bias", [(True, False, False, True), (True, True, True, False),
+                                                    (False, False, True, False)])
+def test_fp8_weights_match_their_dequantised_reference(rows, n, k, norm, silu, residual, bias):
+    """A float8 weight with per-row scales gives what the dequantised weight gives, whatever the plan."""
+    from dustin.linear import FP8, quantize_fp8
+
+    g = torch.Generator(device=DEV).manual_seed(rows + n + k)
+    x = torch.randn(rows, k, device=DEV, generator=g).to(DTYPE)
+    w = (torch.randn(2 * n if silu else n, k, device=DEV, generator=g) / k ** 0.5).to(DTYPE)
+    w[0] *= 100  # rows of very different ranges: each keeps its own scale
+    w8, scale = quantize_fp8(w)
+    assert w8.dtype == FP8 and scale.shape == (w.shape[0],)
+    assert rel_err(w8.float() * scale[:, None], w.float()) < 0.05  # e4m3 keeps 3 mantissa bits
+    kw = dict(bias=torch.randn(n, device=DEV, generator=g).to(DTYPE) if bias else None,
+              norm_weight=(1 + 0.1 * torch.randn(k, device=DEV, generator=g)).to(DTYPE) if norm else None,
+              silu=silu, residual=torch.randn(rows, n, device=DEV, generator=g).to(DTYPE) if residual else None)
+    expect = linear_reference(x.float(), w8, weight_scale=scale,
+                              **{key: (v.float() if torch.is_tensor(v) else v) for key, v in kw.items()})
+    for splits in (1, 3):
+        for swap in (False, True):
+            out = linear(x, w8, **kw, weight_scale=scale, splits=splits, block_k=64, swap=swap)
+            assert out.dtype == DTYPE and rel_err(out.float(), expect) < TOL, (splits, swap)
+    with pytest.raises(DustinError, match="weight_scale"):
+        linear(x, w8, **kw)
+    with pytest.raises(DustinError, match="weight_scale"):
+        linear(x, w, **kw, weight_scale=scale)
+    with pytest.raises(DustinError, match="weight_scale must be float32"):
+        linear(x, w8, **kw, weight_scale=scale[:-1])
+
+
 def test_measured_plans_apply_within_their_block_only():
     from dustin import linear as lin
 
@@ -163,3 +194,50 @@ def test_decode_through_fused_linears_equals_cublas_path(T):
     for out, cache in zip(outs[1:], caches[1:]):
         assert rel_err(out, outs[0]) < 10 * TOL
         assert rel_err(cache, caches[0]) < 10 * TOL
+
+
+def test_fp8_few_row_weights_read_their_dequantised_weights():
+    """With few_row_weights = "fp8" a few-row pass, through the fused kernels or F.linear, gives what the
+    dequantised weights give; passes with more rows (the prefill) keep the native weights, and the
+    checkpoint is unchanged."""
+    import copy
+
+    from torch import nn
+
+    from dustin.linear import dequantize_fp8
+
+    model = tiny_model(seed=3, dim=64).to(DEV)
+    ids = torch.randint(0, 64, (3, 40), device=DEV)
+    lens = torch.tensor([30, 17, 25], device=DEV)
+    keys = set(model.state_dict())
+    with pytest.raises(DustinError, match="unknown few-row weights 'int4'"):
+        model.few_row_weights = "int4"
+    model.few_row_weights = "fp8"
+    assert set(model.state_dict()) == keys and model.lm_head.weight_fp8.dtype == torch.float8_e4m3fn
+    ref = copy.deepcopy(model)
+    ref.few_row_weights = "native"
+    assert not hasattr(ref.lm_head, "weight_fp8")
+    outs = []
+    for m, backend in ((model, "triton"), (ref, "torch")):
+        m.attn_backend, m.linear_backend = "triton", backend
+        m.setup_cache(3, 64)
+        with torch.no_grad():
+            m.prefill(ids[:, :30], lens)  # 90 rows: the native weights in both
+            if m is ref:  # the same weights the fp8 model's few-row kernels read, as native parameters
+                for name, lin in model.named_modules():
+                    if hasattr(lin, "weight_fp8"):
+                        w = dequantize_fp8(lin.weight_fp8, lin.weight_scale, lin.weight.dtype)
+                        ref.get_submodule(name).weight = nn.Parameter(w)  # unties a tied LM head
+            outs.append(m.decode(ids[:, 30:31]))
+    assert rel_err(outs[0], outs[1]) < 10 * TOL
+    model.linear_backend = "torch"  # F.linear reads what the fp8 copies stand for, in few-row passes only
+    with torch.no_grad():
+        assert rel_err(model.decode(ids[:, 30:31]), outs[1]) < 10 * TOL
+    native = copy.deepcopy(ref)
+    native.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert rel_err(outs[0], native.decode(ids[:, 30:31])) > 1e-4  # the fp8 weights did change the result
+    model.linear_backend = "triton"
+    model.to(torch.float64)
+    with pytest.raises(DustinError, match="fp8 weight copies were cast"):
+        model.decode(ids[:, 30:31])

@@ -123,6 +123,20 @@ def test_greedy_speculative_equals_autoregressive(method, gamma):
     assert set(s.per_step) <= set(range(1, gamma + 2)) and s.new_tokens == n * len(RAGGED)
 
 
+def test_fp8_draft_changes_proposals_not_the_output():
+    """A draft whose fused few-row kernels read fp8 weights still yields the target's greedy tokens."""
+    pytest.importorskip("triton")
+    target = tiny_model(seed=0, dim=64)
+    draft = perturbed_copy(target, 0.4)
+    draft.attn_backend = "triton"  # the fused kernels (under the interpreter on the CPU)
+    n = 12
+    cfg = SpecConfig(method="sd", gamma=3, max_new_tokens=n, stop_tokens=(), draft_linear="triton",
+                     draft_weights="fp8")
+    res = Generator(target, draft, cfg).generate(RAGGED[:2])
+    assert draft.few_row_weights == "fp8" and res.tokens == ar_tokens(target, RAGGED[:2], n)
+    assert res.stats.accepted > 0
+
+
 def test_magicdec_draft_reads_only_its_window():
     """With a window far smaller than the context, the streaming draft must differ from the full one."""
     target = tiny_model(seed=0)
@@ -191,6 +205,8 @@ def test_bad_input_is_refused():
         Generator(target, draft, SpecConfig(gamma=0))
     with pytest.raises(DustinError, match="temperature"):
         Generator(target, draft, SpecConfig(temperature=-0.5))
+    with pytest.raises(DustinError, match="draft_weights must be one of native, fp8"):
+        Generator(target, draft, SpecConfig(draft_weights="int8"))
     with pytest.raises(DustinError, match="different vocabularies"):
         Generator(target, tiny_model(seed=1, vocab_size=80), SpecConfig())
     with pytest.raises(DustinError, match="needs a draft"):

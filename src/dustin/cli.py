@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from .config import LINEAR_BACKENDS
+from .config import FEW_ROW_WEIGHTS, LINEAR_BACKENDS
 from .errors import DustinError
 
 console = Console()
@@ -138,7 +138,7 @@ def cmd_generate(args) -> None:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     cfg = SpecConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, top_p=args.top_p,
                      seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget,
-                     draft_linear=args.draft_linear)
+                     draft_linear=args.draft_linear, draft_weights=args.draft_weights)
     cfg.validate()
     with err.status("loading models ..."):
         tokenizer = load_tokenizer(args.target)
@@ -400,7 +400,7 @@ def cmd_eval(args) -> None:
         cfg = EvalConfig(task=task, context=args.context, budgets=budgets, policies=tuple(args.policies.split(",")),
                          limit=args.limit, gamma=args.gamma, new_tokens=args.new_tokens, continuation=args.continuation,
                          seed=args.seed, dtype=args.dtype, target=args.target, draft=args.draft, data=args.data,
-                         selection_config=args.selection_config, guard=args.guard)
+                         selection_config=args.selection_config, guard=args.guard, draft_weights=args.draft_weights)
         if models is None:
             with console.status("loading models ..."):
                 ctx = make_context(cfg, device=args.device)
@@ -468,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the draft's linear layers: cuBLAS (torch), cuBLAS but the down projection in the fused "
                         "few-row Triton kernel (down), all in the fused kernels (triton), or the faster of the "
                         "last two for the draft's size (auto)")
+    s.add_argument("--draft-weights", default="native", choices=list(FEW_ROW_WEIGHTS),
+                   help="what the draft's fused few-row kernels read: its native weights, or fp8 copies with "
+                        "per-channel scales (half the bytes; proposals may change, what is accepted is still the "
+                        "target's choice)")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")
@@ -518,6 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-tokens", type=int, default=48, help="agreement: tokens generated per method")
     s.add_argument("--continuation", type=int, default=160, help="ppl: tokens scored after the context")
     s.add_argument("--guard", type=float, default=0.6, help="recovery threshold of the dustin-guard policy")
+    s.add_argument("--draft-weights", default="native", choices=list(FEW_ROW_WEIGHTS),
+                   help="agreement, acceptance: what the draft's few-row passes read (see generate)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     s.add_argument("--out-dir", default="benchmarks/eval")
     s.set_defaults(func=cmd_eval)

@@ -17,6 +17,8 @@ LINEAR_BACKENDS = {
             "epilogue (no split-K reduce launch)",
     "triton": "every linear layer in the fused few-row kernel, norms, SiLU and residual adds folded in",
 }
+# what those fused few-row kernels read: `Transformer.few_row_weights`
+FEW_ROW_WEIGHTS = ("native", "fp8")
 
 
 def resolve_linear_backend(name: str, dim: int) -> str:
@@ -224,6 +226,8 @@ class SpecConfig:
     draft_linear: str = "auto"  # the draft's linear layers: torch (cuBLAS) | down (cuBLAS, the down projection
     # and its residual add in `dustin.linear`'s kernel) | triton (every one in the fused few-row kernels) | auto
     # (the faster of triton and down for the draft's size, benchmarks/gpu/e2e.json): `LINEAR_BACKENDS`
+    draft_weights: str = "native"  # what the draft's fused few-row kernels read: native | fp8 (copies with
+    # per-channel scales, half the bytes; the LM head's too). Proposals may change, acceptance rules do not
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -242,6 +246,8 @@ class SpecConfig:
             raise DustinError("draft_kv='selected' reads the verification index set, so it needs method='dustin'")
         if self.draft_linear not in LINEAR_BACKENDS:
             raise DustinError(f"draft_linear must be one of {', '.join(LINEAR_BACKENDS)}, got {self.draft_linear!r}")
+        if self.draft_weights not in FEW_ROW_WEIGHTS:
+            raise DustinError(f"draft_weights must be one of {', '.join(FEW_ROW_WEIGHTS)}, got {self.draft_weights!r}")
         if self.draft_budget <= self.draft_n_sink or self.draft_n_sink < 0:
             raise DustinError(f"draft_budget ({self.draft_budget}) must exceed draft_n_sink ({self.draft_n_sink}) >= 0")
 

@@ -13,6 +13,10 @@ of output columns for all rows and a split of K (a short, deep weight needs the 
 the last split of a tile to finish adds the parked partial sums and runs the epilogue, so there is no
 second launch. Reference: `linear_reference`.
 
+The weight may also be float8 e4m3 with a float32 scale per output channel (`quantize_fp8`): the
+kernel widens each tile exactly to the input's dtype and applies the scales in the epilogue, so a
+bandwidth-bound projection reads half the bytes.
+
 With `swap` a program accumulates out^T = W @ x^T instead: the weight's columns fill the 64-row side
 of Hopper's warpgroup MMA and the few rows its short side, where x @ W^T would pad 16 rows to a tile.
 `choose` picks a plan per kind of projection. Measured on the H200 over cold weights
@@ -46,10 +50,29 @@ else:
 MAX_ROWS = 64  # beyond this cuBLAS's tiling wins; the model routes larger passes there
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[N, K]` weight -> (`[N, K]` float8 e4m3, `[N]` float32 scales) with weight ~= fp8 * scale per row:
+    each output channel's largest magnitude maps to the largest e4m3 value."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / FP8_MAX).clamp(min=1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (weight.float() * scale[:, None]).to(dtype)
+
+
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x: `[..., K]`; weight: `[N, K]` (`[2 N, K]`, gate rows then up rows, with `silu`); returns `[..., N]`."""
+                     residual: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: `[..., K]`; weight: `[N, K]` (`[2 N, K]`, gate rows then up rows, with `silu`), or float8 with its
+    `[N]` (`[2 N]`) `weight_scale`; returns `[..., N]`."""
+    if weight_scale is not None:
+        weight = dequantize_fp8(weight, weight_scale, x.dtype)
     if norm_weight is not None:
         h = x.float()
         x = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -63,11 +86,12 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(X, W, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps,
+    def _linear_kernel(X, W, WScale, Bias, NormW, Res, Out, PartAcc, PartSs, Counter, M, N, K, k_per, eps,
                        s_xm, s_wn, s_rm, s_om,
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                       EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                       SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLITS: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
+                       PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -86,12 +110,12 @@ if triton is not None:
         k_lo = split * k_per
         k_hi = tl.minimum(k_lo + k_per, K)
         # no kernel writes the weights: the first tile loads while the kernel before this one finishes
-        w, w_up = _weight_tile(W, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K)
+        w, w_up = _weight_tile(W, X, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K, SCALED)
         wait_for_inputs(PDL)
         x, ss = _input_tile(X, NormW, rows, row_ok, k_lo, kk, K, s_xm, ss, NORM, EVEN_K)
         acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, SWAP, PRECISION)
         for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
-            w, w_up = _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU, EVEN_K)
+            w, w_up = _weight_tile(W, X, cols, col_ok, k0, kk, K, N, s_wn, SILU, EVEN_K, SCALED)
             x, ss = _input_tile(X, NormW, rows, row_ok, k0, kk, K, s_xm, ss, NORM, EVEN_K)
             acc, acc_up = _mma(acc, acc_up, x, w, w_up, SILU, SWAP, PRECISION)
         if SWAP:
@@ -121,16 +145,18 @@ if triton is not None:
                     if NORM:
                         ss += tl.load(PartSs + (tile * SPLITS + s) * BLOCK_M + tl.arange(0, BLOCK_M),
                                       cache_modifier=".cg")
-                _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
-                          NORM, SILU, RESIDUAL, HAS_BIAS)
+                _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, WScale, Bias, Res, Out, N, K, eps, s_rm,
+                          s_om, NORM, SILU, RESIDUAL, HAS_BIAS, SCALED)
                 tl.atomic_xchg(Counter + tile, 0)  # ready for the next launch
         else:
-            _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
-                      NORM, SILU, RESIDUAL, HAS_BIAS)
+            _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, WScale, Bias, Res, Out, N, K, eps, s_rm, s_om,
+                      NORM, SILU, RESIDUAL, HAS_BIAS, SCALED)
 
     @triton.jit
-    def _weight_tile(W, cols, col_ok, k0, kk, K, N, s_wn, SILU: tl.constexpr, EVEN_K: tl.constexpr):
-        """Columns `cols` x depth `[k0, k0 + BLOCK_K)` of the weight, and of its up half with `SILU`."""
+    def _weight_tile(W, X, cols, col_ok, k0, kk, K, N, s_wn, SILU: tl.constexpr, EVEN_K: tl.constexpr,
+                     SCALED: tl.constexpr):
+        """Columns `cols` x depth `[k0, k0 + BLOCK_K)` of the weight, and of its up half with `SILU`; an
+        fp8 weight (`SCALED`) widened to the input's dtype, exactly (its scales apply in the epilogue)."""
         # a mask along K would stop the loads from being vectorised: only a ragged K pays for one
         if EVEN_K:
             w_ok = col_ok[:, None]
@@ -140,6 +166,9 @@ if triton is not None:
         w_up = w
         if SILU:
             w_up = tl.load(W + (cols + N)[:, None] * s_wn + (k0 + kk)[None, :], mask=w_ok, other=0.0)
+        if SCALED:
+            w = w.to(X.dtype.element_ty)
+            w_up = w_up.to(X.dtype.element_ty)
         return w, w_up
 
     @triton.jit
@@ -175,8 +204,13 @@ if triton is not None:
         return x, ss
 
     @triton.jit
-    def _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, Bias, Res, Out, K, eps, s_rm, s_om,
-                  NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, WScale, Bias, Res, Out, N, K, eps, s_rm, s_om,
+                  NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  SCALED: tl.constexpr):
+        if SCALED:  # each output channel's scale (the up half's from row N + col of the weight)
+            acc = acc * tl.load(WScale + cols, mask=col_ok, other=0.0)[None, :]
+            if SILU:
+                acc_up = acc_up * tl.load(WScale + N + cols, mask=col_ok, other=0.0)[None, :]
         if NORM:
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[:, None]
@@ -272,10 +306,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            norm_weight: torch.Tensor | None = None, eps: float = 1e-6, silu: bool = False,
            residual: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None,
            splits: int | None = None, swap: bool | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, check: bool = True) -> torch.Tensor:
+           num_stages: int | None = None, weight_scale: torch.Tensor | None = None,
+           check: bool = True) -> torch.Tensor:
     """Fused `linear_reference` for at most `MAX_ROWS` rows. x: `[..., K]` with a contiguous last
-    dimension; weight: `[N, K]` or `[2 N, K]` with `silu`; residual: `[..., N]`. Returns `[..., N]`.
-    Any tiling argument given replaces the planned tiling (`plan`).
+    dimension; weight: `[N, K]` or `[2 N, K]` with `silu`, in x's dtype or float8 e4m3 with float32
+    per-row `weight_scale` (`quantize_fp8`: half the bytes, widened exactly in the kernel); residual:
+    `[..., N]`. Returns `[..., N]`. Any tiling argument given replaces the planned tiling (`plan`).
 
     Under PDL (`dustin.pdl`) the kernel reads its first weight tile before the previous kernel has
     finished: `weight` must not be an output of the kernel launched just before (a parameter never is)."""
@@ -293,8 +329,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             raise DustinError("a biased gate/up projection is not supported; gate/up layers carry no bias")
         if not 1 <= M <= MAX_ROWS:
             raise DustinError(f"the fused linear kernel takes 1..{MAX_ROWS} rows, got {M}; use F.linear")
-        if x.dtype != weight.dtype or x.device != weight.device or x2.stride(-1) != 1 or weight.stride(-1) != 1:
-            raise DustinError("x and weight need one dtype, one device and contiguous last dimensions")
+        scaled = weight.dtype == FP8
+        if scaled != (weight_scale is not None):
+            raise DustinError("a float8 weight needs its weight_scale, and only a float8 weight takes one "
+                              "(quantize_fp8 makes both)")
+        if (x.dtype != weight.dtype and not scaled) or x.device != weight.device or x2.stride(-1) != 1 \
+                or weight.stride(-1) != 1:
+            raise DustinError("x and weight need one dtype (or a float8 weight), one device and contiguous last "
+                              "dimensions")
+        if scaled and (weight_scale.shape != (weight.shape[0],) or weight_scale.dtype != torch.float32
+                       or weight_scale.device != weight.device):
+            raise DustinError(f"weight_scale must be float32 ({weight.shape[0]},) on {weight.device}, got "
+                              f"{weight_scale.dtype} {tuple(weight_scale.shape)}")
         for name, t, n in (("bias", bias, N), ("norm_weight", norm_weight, K)):
             if t is not None and t.shape != (n,):
                 raise DustinError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
@@ -319,10 +365,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         part_ss = torch.empty(tiles * splits * block_m, device=x.device, dtype=torch.float32)
         counter = semaphores(x.device, tiles)
     _linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        x2, weight, weight_scale if weight_scale is not None else out2, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SPLITS=splits, EVEN_K=K % bk == 0,
-        SWAP=p.swap, PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
+        HAS_BIAS=bias is not None, SCALED=weight_scale is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        SPLITS=splits, EVEN_K=K % bk == 0, SWAP=p.swap, PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
         num_warps=p.num_warps, num_stages=p.num_stages)
     return out

@@ -18,9 +18,32 @@ from torch import nn
 from . import fused as fused_ops
 from .attention import attend, attend_rope, resolve_backend
 from .cache import KVCache, available_memory, estimate_memory
-from .config import ModelArgs, resolve_linear_backend
+from .config import FEW_ROW_WEIGHTS, ModelArgs, resolve_linear_backend
 from .errors import DustinError
-from .linear import MAX_ROWS, linear
+from .linear import FP8, MAX_ROWS, dequantize_fp8, linear, quantize_fp8
+
+
+def _project(lin: nn.Linear, x: torch.Tensor, step: "_Step | None") -> torch.Tensor:
+    """`lin(x)`, or in a few-row pass of a model with fp8 few-row weights, the same with the weight its
+    fp8 copy stands for (what the fused kernels compute, through F.linear)."""
+    if step is None or not step.fp8:
+        return lin(x)
+    if not hasattr(lin, "weight_dequant"):  # made on first use: the fused kernels never need it
+        w8, scale = _fused_weight(lin)
+        lin.register_buffer("weight_dequant", dequantize_fp8(w8, scale, lin.weight.dtype), persistent=False)
+    return F.linear(x, lin.weight_dequant, lin.bias)
+
+
+def _fused_weight(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the fused few-row kernels read for `lin`: its fp8 copy and scales where the model made them
+    (`Transformer.few_row_weights`), else its own weight."""
+    w8 = getattr(lin, "weight_fp8", None)
+    if w8 is None:
+        return lin.weight, None
+    if w8.dtype != FP8 or lin.weight_scale.dtype != torch.float32:
+        raise DustinError("the fp8 weight copies were cast (a .to(dtype) after few_row_weights was set); set "
+                          "model.few_row_weights = 'native' and then 'fp8' again")
+    return w8, lin.weight_scale
 
 
 @dataclass
@@ -80,13 +103,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step | None") -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x)
+        qkv = _project(self.qkv_proj, x, step)
         if step is None:
             q, k, v = fused_ops.split_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim)
             q, k = fused_ops.rope_reference(q, cos, sin), fused_ops.rope_reference(k, cos, sin)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        return self.o_proj(self.cached(qkv, cos, sin, step))
+        return _project(self.o_proj, self.cached(qkv, cos, sin, step), step)
 
     def cached(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
         """`[B, T, (Hq + 2 Hkv) D]` projections -> `[B, T, Hq D]` attention output over the cache, with
@@ -120,13 +143,13 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # one GEMM, not two
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def hidden(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, fused: bool, step: "_Step | None" = None) -> torch.Tensor:
         """SiLU(gate) * up: the down projection's input."""
-        gate_up = self.gate_up_proj(x)
+        gate_up = _project(self.gate_up_proj, x, step)
         return fused_ops.silu_mul(gate_up) if fused else fused_ops.silu_mul_reference(gate_up)
 
-    def forward(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
-        return self.down_proj(self.hidden(x, fused))
+    def forward(self, x: torch.Tensor, fused: bool, step: "_Step | None" = None) -> torch.Tensor:
+        return _project(self.down_proj, self.hidden(x, fused, step), step)
 
 
 class Block(nn.Module):
@@ -147,19 +170,25 @@ class Block(nn.Module):
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
         if step is not None and step.linear == "down":
-            return linear(self.mlp.hidden(h, fused), self.mlp.down_proj.weight, residual=residual, check=False), None
-        return residual, self.mlp(h, fused)
+            w, scale = _fused_weight(self.mlp.down_proj)
+            return linear(self.mlp.hidden(h, fused, step), w, residual=residual, weight_scale=scale,
+                          check=False), None
+        return residual, self.mlp(h, fused, step)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
         """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus
         RoPE and attention: a few-row pass is bound by launches, not bytes."""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
-        qkv = linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps,
+        w, s = _fused_weight(attn.qkv_proj)
+        qkv = linear(h, w, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps, weight_scale=s,
                      check=False)
-        h = linear(attn.cached(qkv, cos, sin, step), attn.o_proj.weight, attn.o_proj.bias, residual=h, check=False)
-        act = linear(h, mlp.gate_up_proj.weight, norm_weight=self.post_attention_layernorm.weight,
-                     eps=self.post_attention_layernorm.eps, silu=True, check=False)
-        return linear(act, mlp.down_proj.weight, residual=h, check=False)
+        w, s = _fused_weight(attn.o_proj)
+        h = linear(attn.cached(qkv, cos, sin, step), w, attn.o_proj.bias, residual=h, weight_scale=s, check=False)
+        w, s = _fused_weight(mlp.gate_up_proj)
+        act = linear(h, w, norm_weight=self.post_attention_layernorm.weight, eps=self.post_attention_layernorm.eps,
+                     silu=True, weight_scale=s, check=False)
+        w, s = _fused_weight(mlp.down_proj)
+        return linear(act, w, residual=h, weight_scale=s, check=False)
 
 
 @dataclass
@@ -174,6 +203,7 @@ class _Step:
     fused: bool  # the fused Triton layer ops (CUDA with the triton backend)
     linear: str  # the linear backend this pass uses: "torch" unless a few-row fused pass (`LINEAR_BACKENDS`)
     head_index: object  # heads -> a cached device index tensor (no host-to-device copy inside a graph)
+    fp8: bool = False  # a few-row pass of a model with fp8 few-row weights: its projections read those
 
 
 class Transformer(nn.Module):
@@ -192,6 +222,7 @@ class Transformer(nn.Module):
         self.cache: KVCache | None = None
         self.attn_backend = "auto"
         self.linear_backend = "torch"
+        self._few_row_weights = "native"
         self._rope_len = 0
         self._head_indices: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -204,6 +235,33 @@ class Transformer(nn.Module):
     @linear_backend.setter
     def linear_backend(self, value: str) -> None:
         self._linear_backend = resolve_linear_backend(value, self.args.dim)
+
+    @property
+    def few_row_weights(self) -> str:
+        """What the projections of a few-row pass (`decode` of at most `MAX_ROWS` rows: a draft's steps)
+        read: "native" weights, or "fp8" copies with a scale per output channel (`linear.quantize_fp8`),
+        the LM head's included. The fused few-row kernels (`linear_backend` "triton", or "down" for its
+        down projection) read the fp8 bytes, half the native ones; F.linear reads what they stand for.
+        Other passes read the native weights. A draft's proposals may change with it, never what
+        speculative decoding accepts. Set it after the weights are loaded."""
+        return self._few_row_weights
+
+    @few_row_weights.setter
+    def few_row_weights(self, value: str) -> None:
+        if value not in FEW_ROW_WEIGHTS:
+            raise DustinError(f"unknown few-row weights {value!r}; choose one of {', '.join(FEW_ROW_WEIGHTS)}")
+        linears = [m for block in self.layers for m in (block.self_attn.qkv_proj, block.self_attn.o_proj,
+                                                         block.mlp.gate_up_proj, block.mlp.down_proj)]
+        for lin in linears + [self.lm_head]:
+            if value == "fp8" and not hasattr(lin, "weight_fp8"):
+                w8, scale = quantize_fp8(lin.weight)
+                lin.register_buffer("weight_fp8", w8, persistent=False)  # not part of the checkpoint
+                lin.register_buffer("weight_scale", scale, persistent=False)
+            elif value == "native" and hasattr(lin, "weight_fp8"):
+                del lin.weight_fp8, lin.weight_scale
+                if hasattr(lin, "weight_dequant"):
+                    del lin.weight_dequant
+        self._few_row_weights = value
 
     @property
     def attention_backend(self) -> str:
@@ -257,7 +315,11 @@ class Transformer(nn.Module):
             at = logits_at[:, :, None].expand(-1, -1, residual.shape[-1])
             residual, delta = residual.gather(1, at), (delta.gather(1, at) if delta is not None else None)
         h, _ = self.norm(residual, delta, step is not None and step.fused)
-        logits = self.lm_head(h)
+        if step is not None and step.fp8 and step.linear != "torch":
+            w, scale = _fused_weight(self.lm_head)
+            logits = linear(h, w, weight_scale=scale, check=False)
+        else:
+            logits = _project(self.lm_head, h, step)
         return logits.float() if float_logits else logits
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -334,7 +396,8 @@ class Transformer(nn.Module):
         backend = self.attention_backend
         fused = backend == "triton" and T <= 16
         linear_backend = self.linear_backend if fused and B * T <= MAX_ROWS else "torch"
-        step = _Step(cache, positions, indices, capture, backend, fused, linear_backend, self._head_index)
+        step = _Step(cache, positions, indices, capture, backend, fused, linear_backend, self._head_index,
+                     fp8=self._few_row_weights == "fp8" and B * T <= MAX_ROWS)
         return self._run(input_ids, positions, step, logits_at, float_logits)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,

@@ -120,6 +120,7 @@ class Generator:
         self.target, self.draft, self.tokenizer, self.policy = target, draft, tokenizer, policy
         if draft is not None:
             draft.linear_backend = self.config.draft_linear
+            draft.few_row_weights = self.config.draft_weights
         self.vocab_size = self._shared_vocab(tokenizer, draft_tokenizer, vocab_size)
 
     def _shared_vocab(self, tokenizer, draft_tokenizer, vocab_size) -> int:

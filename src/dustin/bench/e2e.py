@@ -39,6 +39,9 @@ METHODS = {
     "dustin+draft-selected+fused-linear-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton"),
     "dustin+draft-selected+down-draft": dict(method="dustin", draft_kv="selected", draft_linear="down"),
     "dustin+draft-selected+cublas-draft": dict(method="dustin", draft_kv="selected", draft_linear="torch"),
+    # every draft projection and its LM head in the fused kernels, reading fp8 copies of the weights
+    "dustin+draft-selected+fp8-draft": dict(method="dustin", draft_kv="selected", draft_linear="triton",
+                                            draft_weights="fp8"),
     "dustin-adaptive+draft-selected": dict(method="dustin", draft_kv="selected", adaptive=True),
     # the same step with every kernel launched the usual way (`dustin.pdl`), side by side
     "dustin+draft-selected+no-pdl": dict(method="dustin", draft_kv="selected", pdl=False),
@@ -82,7 +85,8 @@ def step_bytes(name: str, target: Transformer, draft: Transformer, *, batch: int
     draft_ctx = {"magicdec": draft_budget}.get(spec["method"], context)
     if spec.get("draft_kv") == "selected":
         draft_ctx = budget + sel.n_recent
-    total = gamma * (read_bytes(draft) + kv_d * (draft_ctx + 2))
+    draft_weights = read_bytes(draft) // (2 if spec.get("draft_weights") == "fp8" else 1)  # norms aside, fp8 halves
+    total = gamma * (draft_weights + kv_d * (draft_ctx + 2))
     if spec["method"] != "dustin":
         return total + read_bytes(target) + kv_t * (context + T)
     key = lambda m, layer_heads: sum(len({h // m.args.group_size for h in hs}) for hs in layer_heads.values()) \

@@ -55,6 +55,7 @@ class EvalConfig:
     draft: str = "default:draft"
     data: str | None = None
     selection_config: str | None = None
+    draft_weights: str = "native"  # what the draft's few-row passes read (`SpecConfig.draft_weights`)
 
     def budget_tokens(self) -> list[int]:
         return [max(32, int(round(f * self.context / 16)) * 16) for f in self.budgets]
@@ -213,7 +214,7 @@ def generate_sample(ctx: Context, sample: tasks.Sample, *, new_tokens: int, meth
         m.prefill(torch.tensor([sample.prompt[:-1]], device=target.device))
     saved = [m.seq_lens.clone() for m in (target, draft)]
     runs: list[tuple[str, SpecConfig, object]] = []
-    base = dict(gamma=cfg.gamma, max_new_tokens=new_tokens, max_len=need)
+    base = dict(gamma=cfg.gamma, max_new_tokens=new_tokens, max_len=need, draft_weights=cfg.draft_weights)
     if methods:
         runs += [("ar", SpecConfig(method="ar", **base), None), ("magicdec", SpecConfig(method="magicdec", **base), None)]
     for policy, budget in ctx.runs():
@@ -351,7 +352,9 @@ def make_context(cfg: EvalConfig, *, device: str = "cpu", models=None) -> Contex
         tuned = TunedConfig.load(path)
     else:
         target, draft, tokenizer, tuned = models
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("task", "limit")}
+    # native draft weights are left out: samples recorded before the option existed still resume
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("task", "limit") and (k, v) != ("draft_weights", "native")}
     settings["budget_tokens"] = cfg.budget_tokens()
     settings["data_files"] = sorted(texts)
     settings = json.loads(json.dumps(settings))  # as a resumed run reads them back (tuples become lists)
