@@ -217,6 +217,14 @@ def test_fp8_few_row_weights_read_their_dequantised_weights():
     ref = copy.deepcopy(model)
     ref.few_row_weights = "native"
     assert not hasattr(ref.lm_head, "weight_fp8")
+    caches = []
+    for m in (model, ref):  # a prompt of 20 rows is a few-row pass, but a prefill: native weights
+        m.attn_backend, m.linear_backend = "triton", "triton"
+        m.setup_cache(2, 16)
+        with torch.no_grad():
+            m.prefill(ids[:2, :10])
+        caches.append(m.cache.k[..., :10, :].clone())
+    assert torch.equal(caches[0], caches[1])
     outs = []
     for m, backend in ((model, "triton"), (ref, "torch")):
         m.attn_backend, m.linear_backend = "triton", backend

@@ -28,17 +28,20 @@ def _project(lin: nn.Linear, x: torch.Tensor, step: "_Step | None") -> torch.Ten
     fp8 copy stands for (what the fused kernels compute, through F.linear)."""
     if step is None or not step.fp8:
         return lin(x)
+    if x.is_cuda:  # a full-size dequantised copy per weight would cost memory and gain nothing
+        raise DustinError("fp8 few-row weights on CUDA are read by the fused few-row kernels only; use "
+                          "linear_backend 'triton' (--draft-linear triton) with the triton attention backend")
     if not hasattr(lin, "weight_dequant"):  # made on first use: the fused kernels never need it
-        w8, scale = _fused_weight(lin)
+        w8, scale = _fused_weight(lin, True)
         lin.register_buffer("weight_dequant", dequantize_fp8(w8, scale, lin.weight.dtype), persistent=False)
     return F.linear(x, lin.weight_dequant, lin.bias)
 
 
-def _fused_weight(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the fused few-row kernels read for `lin`: its fp8 copy and scales where the model made them
-    (`Transformer.few_row_weights`), else its own weight."""
+def _fused_weight(lin: nn.Linear, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the fused kernels read for `lin`: in a pass that reads fp8 weights (`_Step.fp8`) its fp8 copy
+    and scales (`Transformer.few_row_weights`), else its own weight."""
     w8 = getattr(lin, "weight_fp8", None)
-    if w8 is None:
+    if not fp8 or w8 is None:
         return lin.weight, None
     if w8.dtype != FP8 or lin.weight_scale.dtype != torch.float32:
         raise DustinError("the fp8 weight copies were cast (a .to(dtype) after few_row_weights was set); set "
@@ -170,7 +173,7 @@ class Block(nn.Module):
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
         if step is not None and step.linear == "down":
-            w, scale = _fused_weight(self.mlp.down_proj)
+            w, scale = _fused_weight(self.mlp.down_proj, step.fp8)
             return linear(self.mlp.hidden(h, fused, step), w, residual=residual, weight_scale=scale,
                           check=False), None
         return residual, self.mlp(h, fused, step)
@@ -179,15 +182,15 @@ class Block(nn.Module):
         """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus
         RoPE and attention: a few-row pass is bound by launches, not bytes."""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
-        w, s = _fused_weight(attn.qkv_proj)
+        w, s = _fused_weight(attn.qkv_proj, step.fp8)
         qkv = linear(h, w, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps, weight_scale=s,
                      check=False)
-        w, s = _fused_weight(attn.o_proj)
+        w, s = _fused_weight(attn.o_proj, step.fp8)
         h = linear(attn.cached(qkv, cos, sin, step), w, attn.o_proj.bias, residual=h, weight_scale=s, check=False)
-        w, s = _fused_weight(mlp.gate_up_proj)
+        w, s = _fused_weight(mlp.gate_up_proj, step.fp8)
         act = linear(h, w, norm_weight=self.post_attention_layernorm.weight, eps=self.post_attention_layernorm.eps,
                      silu=True, weight_scale=s, check=False)
-        w, s = _fused_weight(mlp.down_proj)
+        w, s = _fused_weight(mlp.down_proj, step.fp8)
         return linear(act, w, residual=h, weight_scale=s, check=False)
 
 
@@ -240,10 +243,11 @@ class Transformer(nn.Module):
     def few_row_weights(self) -> str:
         """What the projections of a few-row pass (`decode` of at most `MAX_ROWS` rows: a draft's steps)
         read: "native" weights, or "fp8" copies with a scale per output channel (`linear.quantize_fp8`),
-        the LM head's included. The fused few-row kernels (`linear_backend` "triton", or "down" for its
-        down projection) read the fp8 bytes, half the native ones; F.linear reads what they stand for.
-        Other passes read the native weights. A draft's proposals may change with it, never what
-        speculative decoding accepts. Set it after the weights are loaded."""
+        the LM head's included. On CUDA the fused few-row kernels read the fp8 bytes, half the native
+        ones, so every projection must run in them (`linear_backend` "triton"); elsewhere F.linear reads
+        what they stand for (equal up to rounding to the model's dtype). A prompt's prefill and larger
+        passes read the native weights. A draft's proposals may change with it, never what speculative
+        decoding accepts. Setting it (again) quantises the weights as they are then."""
         return self._few_row_weights
 
     @few_row_weights.setter
@@ -253,14 +257,13 @@ class Transformer(nn.Module):
         linears = [m for block in self.layers for m in (block.self_attn.qkv_proj, block.self_attn.o_proj,
                                                          block.mlp.gate_up_proj, block.mlp.down_proj)]
         for lin in linears + [self.lm_head]:
-            if value == "fp8" and not hasattr(lin, "weight_fp8"):
+            for name in ("weight_fp8", "weight_scale", "weight_dequant"):  # made again from the weights now
+                if hasattr(lin, name):
+                    delattr(lin, name)
+            if value == "fp8":
                 w8, scale = quantize_fp8(lin.weight)
                 lin.register_buffer("weight_fp8", w8, persistent=False)  # not part of the checkpoint
                 lin.register_buffer("weight_scale", scale, persistent=False)
-            elif value == "native" and hasattr(lin, "weight_fp8"):
-                del lin.weight_fp8, lin.weight_scale
-                if hasattr(lin, "weight_dequant"):
-                    del lin.weight_dequant
         self._few_row_weights = value
 
     @property
@@ -316,7 +319,7 @@ class Transformer(nn.Module):
             residual, delta = residual.gather(1, at), (delta.gather(1, at) if delta is not None else None)
         h, _ = self.norm(residual, delta, step is not None and step.fused)
         if step is not None and step.fp8 and step.linear != "torch":
-            w, scale = _fused_weight(self.lm_head)
+            w, scale = _fused_weight(self.lm_head, step.fp8)
             logits = linear(h, w, weight_scale=scale, check=False)
         else:
             logits = _project(self.lm_head, h, step)
@@ -370,14 +373,15 @@ class Transformer(nn.Module):
 
     def decode(self, input_ids: torch.Tensor, *, indices=None, valid: torch.Tensor | None = None,
                logits_at: torch.Tensor | None = None, capture: QueryCapture | None = None,
-               float_logits: bool = True, check: bool = True) -> torch.Tensor:
+               float_logits: bool = True, check: bool = True, prefilling: bool = False) -> torch.Tensor:
         """Run `T` new tokens per sequence at positions `seq_lens[b] + t`, writing their K/V (uncommitted).
 
         input_ids: `[B, T]`; indices: None (whole cache), `[B, budget]` / `[B, Hkv, budget]` positions,
         or a callable `(layer, q) -> indices`; valid: `[B, T]` bool marks real tokens in a ragged
         chunk; logits_at: `[B, K]` token offsets whose logits to return. Returns `[B, T or K, V]` logits,
         float32, or in the model's dtype with `float_logits=False` (a greedy decoder only takes their argmax,
-        and a vocabulary-wide float32 copy per row costs as much as the argmax).
+        and a vocabulary-wide float32 copy per row costs as much as the argmax). `prefilling`: a prompt's
+        chunk, which reads the native weights whatever its size (`few_row_weights`).
         """
         cache = self._require_cache()
         B, T = input_ids.shape
@@ -397,7 +401,7 @@ class Transformer(nn.Module):
         fused = backend == "triton" and T <= 16
         linear_backend = self.linear_backend if fused and B * T <= MAX_ROWS else "torch"
         step = _Step(cache, positions, indices, capture, backend, fused, linear_backend, self._head_index,
-                     fp8=self._few_row_weights == "fp8" and B * T <= MAX_ROWS)
+                     fp8=self._few_row_weights == "fp8" and B * T <= MAX_ROWS and not prefilling)
         return self._run(input_ids, positions, step, logits_at, float_logits)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
@@ -425,7 +429,8 @@ class Transformer(nn.Module):
             ids = input_ids[:, start:start + chunk]
             n_valid = (lengths - start).clamp(0, ids.shape[1])
             valid = torch.arange(ids.shape[1], device=dev)[None] < n_valid[:, None]
-            logits = self.decode(ids, valid=valid, logits_at=(n_valid - 1).clamp(min=0)[:, None], check=False)
+            logits = self.decode(ids, valid=valid, logits_at=(n_valid - 1).clamp(min=0)[:, None], check=False,
+                                 prefilling=True)
             ends_here = (n_valid > 0) & (lengths <= start + chunk)
             last = torch.where(ends_here[:, None], logits[:, 0], last)
             cache.commit(n_valid, check=False)

@@ -121,6 +121,9 @@ class Generator:
         if draft is not None:
             draft.linear_backend = self.config.draft_linear
             draft.few_row_weights = self.config.draft_weights
+            if self.config.draft_weights == "fp8" and draft.device.type == "cuda" and draft.linear_backend != "triton":
+                raise DustinError(f"an fp8 draft on CUDA runs every projection in the fused few-row kernels; set "
+                                  f"draft_linear='triton' (--draft-linear triton), not {self.config.draft_linear!r}")
         self.vocab_size = self._shared_vocab(tokenizer, draft_tokenizer, vocab_size)
 
     def _shared_vocab(self, tokenizer, draft_tokenizer, vocab_size) -> int:
