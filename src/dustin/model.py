@@ -32,21 +32,22 @@ def _project(lin: nn.Linear, x: torch.Tensor, step: "_Step | None") -> torch.Ten
         raise DustinError("fp8 few-row weights on CUDA are read by the fused few-row kernels only; use "
                           "linear_backend 'triton' (--draft-linear triton) with the triton attention backend")
     if not hasattr(lin, "weight_dequant"):  # made on first use: the fused kernels never need it
-        w8, scale = _fused_weight(lin, True)
-        lin.register_buffer("weight_dequant", dequantize_fp8(w8, scale, lin.weight.dtype), persistent=False)
+        fp8 = _fused_weight(lin, True)
+        lin.register_buffer("weight_dequant", dequantize_fp8(fp8["weight"], fp8["weight_scale"], lin.weight.dtype),
+                            persistent=False)
     return F.linear(x, lin.weight_dequant, lin.bias)
 
 
-def _fused_weight(lin: nn.Linear, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the fused kernels read for `lin`: in a pass that reads fp8 weights (`_Step.fp8`) its fp8 copy
+def _fused_weight(lin: nn.Linear, fp8: bool) -> dict:
+    """`linear`'s weight arguments for `lin`: in a pass that reads fp8 weights (`_Step.fp8`) its fp8 copy
     and scales (`Transformer.few_row_weights`), else its own weight."""
     w8 = getattr(lin, "weight_fp8", None)
     if not fp8 or w8 is None:
-        return lin.weight, None
+        return {"weight": lin.weight}
     if w8.dtype != FP8 or lin.weight_scale.dtype != torch.float32:
         raise DustinError("the fp8 weight copies were cast (a .to(dtype) after few_row_weights was set); set "
                           "model.few_row_weights = 'native' and then 'fp8' again")
-    return w8, lin.weight_scale
+    return {"weight": w8, "weight_scale": lin.weight_scale}
 
 
 @dataclass
@@ -173,25 +174,22 @@ class Block(nn.Module):
         h, residual = self.input_layernorm(residual, delta, fused)
         h, residual = self.post_attention_layernorm(residual, self.self_attn(h, cos, sin, step), fused)
         if step is not None and step.linear == "down":
-            w, scale = _fused_weight(self.mlp.down_proj, step.fp8)
-            return linear(self.mlp.hidden(h, fused, step), w, residual=residual, weight_scale=scale,
-                          check=False), None
+            return linear(self.mlp.hidden(h, fused, step), **_fused_weight(self.mlp.down_proj, step.fp8),
+                          residual=residual, check=False), None
         return residual, self.mlp(h, fused, step)
 
     def _small(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "_Step") -> torch.Tensor:
         """The block in four fused linear kernels (the norms, SiLU and the residual adds folded in) plus
         RoPE and attention: a few-row pass is bound by launches, not bytes."""
         attn, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
-        w, s = _fused_weight(attn.qkv_proj, step.fp8)
-        qkv = linear(h, w, attn.qkv_proj.bias, norm_weight=self.input_layernorm.weight, eps=eps, weight_scale=s,
-                     check=False)
-        w, s = _fused_weight(attn.o_proj, step.fp8)
-        h = linear(attn.cached(qkv, cos, sin, step), w, attn.o_proj.bias, residual=h, weight_scale=s, check=False)
-        w, s = _fused_weight(mlp.gate_up_proj, step.fp8)
-        act = linear(h, w, norm_weight=self.post_attention_layernorm.weight, eps=self.post_attention_layernorm.eps,
-                     silu=True, weight_scale=s, check=False)
-        w, s = _fused_weight(mlp.down_proj, step.fp8)
-        return linear(act, w, residual=h, weight_scale=s, check=False)
+        fp8 = step.fp8
+        qkv = linear(h, **_fused_weight(attn.qkv_proj, fp8), bias=attn.qkv_proj.bias,
+                     norm_weight=self.input_layernorm.weight, eps=eps, check=False)
+        h = linear(attn.cached(qkv, cos, sin, step), **_fused_weight(attn.o_proj, fp8), bias=attn.o_proj.bias,
+                   residual=h, check=False)
+        act = linear(h, **_fused_weight(mlp.gate_up_proj, fp8), norm_weight=self.post_attention_layernorm.weight,
+                     eps=self.post_attention_layernorm.eps, silu=True, check=False)
+        return linear(act, **_fused_weight(mlp.down_proj, fp8), residual=h, check=False)
 
 
 @dataclass
@@ -319,8 +317,7 @@ class Transformer(nn.Module):
             residual, delta = residual.gather(1, at), (delta.gather(1, at) if delta is not None else None)
         h, _ = self.norm(residual, delta, step is not None and step.fused)
         if step is not None and step.fp8 and step.linear != "torch":
-            w, scale = _fused_weight(self.lm_head, step.fp8)
-            logits = linear(h, w, weight_scale=scale, check=False)
+            logits = linear(h, **_fused_weight(self.lm_head, True), check=False)
         else:
             logits = _project(self.lm_head, h, step)
         return logits.float() if float_logits else logits
