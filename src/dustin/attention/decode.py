@@ -120,30 +120,28 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
         if PREFETCH:  # gathered reads are latency-bound: fetch each tile's positions one tile ahead
             first = lo + tl.arange(0, BLOCK_N)
             idx_next = tl.load(idx_ptr + first, mask=first < hi, other=-1)
-        # the new tokens first: their loads overlap the first positions' load instead of adding a
-        # latency after the last tile
-        if split == N_SPLITS - 1:
-            j = tl.arange(0, BLOCK_T)
-            # padding rows of a ragged prefill chunk may reach past the cache: never read there
-            new_ok = (j < T) & (L + j < n_cache)
-            if ROPE:
-                # this program rotates its KV head's new keys, writes them and the values into the cache
-                # and attends to them from registers (the index set never holds positions >= L); with
-                # head_splits > 1 each program of the group writes the same values
-                real = (j < T)[:, None]
-                new_rows = Q + b * s_qb + j[:, None] * s_qt
-                cs = b * s_cb + j[:, None] * s_ct
-                k = _rotate(new_rows + (n_kv_heads * G + h) * s_qh, Cos + cs, Sin + cs, d, real,
+        # the new tokens are loaded here and folded in after the index set: their loads overlap the
+        # first tiles' gathers and nothing waits on them; other splits load nothing
+        n_new = tl.where(split == N_SPLITS - 1, T, 0)
+        j = tl.arange(0, BLOCK_T)
+        # padding rows of a ragged prefill chunk may reach past the cache: never read there
+        new_ok = (j < n_new) & (L + j < n_cache)
+        if ROPE:
+            # this program rotates its KV head's new keys, writes them and the values into the cache
+            # and attends to them from registers (the index set never holds positions >= L); with
+            # head_splits > 1 each program of the group writes the same values
+            real = (j < n_new)[:, None]
+            new_rows = Q + b * s_qb + j[:, None] * s_qt
+            cs = b * s_cb + j[:, None] * s_ct
+            k_new = _rotate(new_rows + (n_kv_heads * G + h) * s_qh, Cos + cs, Sin + cs, d, real,
                             D).to(K.dtype.element_ty)
-                v = tl.load(new_rows + (n_kv_heads * (G + 1) + h) * s_qh + d[None, :], mask=real, other=0.0)
-                pos = tl.load(Pos + b * T + j, mask=j < T, other=0)
-                tl.store(k_base + pos[:, None] * s_ks + d[None, :], k, mask=real)
-                tl.store(v_base + pos[:, None] * s_vs + d[None, :], v, mask=real)
-            else:
-                k = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
-                v = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
-            visible = new_ok[None, :] & (j[None, :] <= t[:, None])
-            m_i, l_i, acc = _online_tile(q, k, v, visible, m_i, l_i, acc, scale, PRECISION)
+            v_new = tl.load(new_rows + (n_kv_heads * (G + 1) + h) * s_qh + d[None, :], mask=real, other=0.0)
+            pos = tl.load(Pos + b * T + j, mask=j < n_new, other=0)
+            tl.store(k_base + pos[:, None] * s_ks + d[None, :], k_new, mask=real)
+            tl.store(v_base + pos[:, None] * s_vs + d[None, :], v_new, mask=real)
+        else:
+            k_new = tl.load(k_base + (L + j)[:, None] * s_ks + d[None, :], mask=new_ok[:, None], other=0.0)
+            v_new = tl.load(v_base + (L + j)[:, None] * s_vs + d[None, :], mask=new_ok[:, None], other=0.0)
         if EARLY:
             m_i, l_i, acc = _online_tile(q, k0, v0, ok0[None, :], m_i, l_i, acc, scale, PRECISION)
         for start in range(lo, hi, BLOCK_N):
@@ -158,6 +156,9 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
             k = tl.load(k_base + idx[:, None] * s_ks + d[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + idx[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
             m_i, l_i, acc = _online_tile(q, k, v, col_ok[None, :], m_i, l_i, acc, scale, PRECISION)
+        if split == N_SPLITS - 1:
+            visible = new_ok[None, :] & (j[None, :] <= t[:, None])
+            m_i, l_i, acc = _online_tile(q, k_new, v_new, visible, m_i, l_i, acc, scale, PRECISION)
     else:
         lo, hi = split_range(tl.minimum(L + T, n_cache), split, N_SPLITS, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):

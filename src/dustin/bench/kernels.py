@@ -4,7 +4,8 @@ Per shape (query heads / KV heads / head dim of a real model), context and batch
 verification queries and a `budget`-entry index set:
 - full: our split-KV kernel (the best of a small split sweep: the baseline at its strongest; the
   engine's own plan is recorded beside it) against SDPA (`enable_gqa`, boolean mask for the causal tail);
-- sparse: our index-set kernel against gather + SDPA;
+- sparse: our index-set kernel against gather + SDPA, beside the read floor: a kernel that only reads
+  the same K and V rows (`read_floor`), the fastest of a few splits and tiles;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
 - selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), and
   the all-torch path it replaces;
@@ -24,6 +25,7 @@ from ..selection import split_kernels
 from ..selection.indices import budget_split
 from ..shapes import get_shape
 from .common import copy_bandwidth, time_graph
+from .read_floor import gather_read
 
 PAPER_SHAPES = ("qwen2.5-72b", "qwen2.5-7b", "llama-3.1-8b")
 
@@ -105,6 +107,12 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
+    # what reading the set's K and V rows alone costs in a launch this size: the floor the sparse kernel
+    # can approach (a 2 GiB copy's bandwidth is out of reach for a 10 us read)
+    floor = {f"splits{n}-bn{bn}": (lambda n=n, bn=bn: gather_read(k, v, sets[next(rot) % n_sets], n_splits=n,
+                                                                   block_n=bn))
+             for n in (1, 2, 4) for bn in (64, 128)}
+    out["sparse_read_config"], out["sparse_read_s"], out["sparse_read_variants_s"] = _best(floor, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)
     out["sparse_bytes"] = 2 * B * Hkv * (budget + T) * D * k.element_size()
@@ -159,7 +167,8 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
                 progress(f"{shape} {ctx} x{b}: full {c['full_s'] * 1e3:.3f} ms ({c['full_bw_frac']:.0%} of copy bw; "
                          f"floor {c['floor_full_s'] * 1e3:.3f} ms; SDPA {c.get('sdpa_full_s', 0) * 1e3:.2f} ms), "
                          f"sparse {c['sparse_s'] * 1e6:.1f} us (best {c['sparse_best_s'] * 1e6:.1f} "
-                         f"[{c['sparse_best_config']}]; gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
+                         f"[{c['sparse_best_config']}]; read floor {c['sparse_read_s'] * 1e6:.1f}; "
+                         f"gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
                          f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}) "
                          f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us, dustin/layer "
                          f"{c['dustin_layer_s'] * 1e6:.1f} us = {c['dustin_speedup']:.1f}x")
@@ -168,13 +177,14 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
 
 def table(record: dict) -> str:
     rows = ["| shape | ctx | batch | full ms (floor) | % bw | full, engine plan ms | SDPA ms | sparse us (best variant) "
-            "| gather+SDPA us | score us (% bw) | select us | Dustin/layer us | speedup |", "|" + "---|" * 13]
+            "| read floor us | gather+SDPA us | score us (% bw) | select us | Dustin/layer us | speedup |",
+            "|" + "---|" * 14]
     for c in record["cases"]:
         rows.append(f"| {c['shape']} | {c['context']} | {c['batch']} | {c['full_s'] * 1e3:.3f} ({c['floor_full_s'] * 1e3:.3f}) "
                     f"| {c['full_bw_frac']:.0%} | {c.get('full_default_s', float('nan')) * 1e3:.3f} "
                     f"| {c.get('sdpa_full_s', float('nan')) * 1e3:.2f} | {c['sparse_s'] * 1e6:.1f} "
                     f"({c.get('sparse_best_s', c['sparse_s']) * 1e6:.1f}) "
-                    f"| {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
+                    f"| {c.get('sparse_read_s', float('nan')) * 1e6:.1f} | {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
                     f"| {c['select_s'] * 1e6:.1f} | {c['dustin_layer_s'] * 1e6:.2f} | {c['dustin_speedup']:.1f}x |")
     return "\n".join(rows)
 
