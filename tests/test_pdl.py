@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 from dustin import pdl  # noqa: E402
 from dustin.attention import reference  # noqa: E402
 from dustin.attention.decode import sparse_attention  # noqa: E402
+from dustin.attention.scoring import score_positions  # noqa: E402
 from dustin.bench.e2e import METHODS  # noqa: E402
 from dustin.config import SpecConfig  # noqa: E402
 from dustin.fused import add_rmsnorm, add_rmsnorm_reference, rope_write  # noqa: E402
@@ -46,7 +47,8 @@ def test_launch_bench_variants_are_the_default_step_with_one_switch(variant, key
 def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows. The
     attention gathers its first tile before its wait: the cache rows it reads there were written two
-    kernels earlier (RoPE and the cache write), at positions and with values that change between replays."""
+    kernels earlier (RoPE and the cache write), at positions and with values that change between replays.
+    The scoring's two launches close the chain: queries from the last kernel, keys from the cache write."""
     from dustin.attention.decode import default_tile, gathers_early
 
     assert gathers_early(64, default_tile(64, True), True, True)  # the chain's attention does gather early
@@ -76,12 +78,13 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
         a = attend(h, lambda *t: sparse_attention(*t, early_gather=True, check=False))  # reads the linear's output
         y = linear(torch.cat([a, h[:, 896:]], -1), w2, residual=x, check=False)
         out, _ = add_rmsnorm(y, x, norm, 1e-6)
-        return out
+        return out, score_positions(out[:, :256].reshape(16, 4, 1, 64), k_cache, seq_lens, heads, check=False)
 
+    heads = [0, 1, 1, 0]
     chain(x)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = chain(x)
+        out, scores = chain(x)
     for _ in range(3):
         x.copy_(torch.randn(x.shape, device=dev, dtype=dt, generator=g))
         indices.copy_(torch.randint(-5, 310, indices.shape, device=dev, dtype=torch.int32, generator=g))
@@ -91,4 +94,8 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
         graph.replay()
         h = linear_reference(x, w1, norm_weight=norm)
         y = linear_reference(torch.cat([attend(h, reference.sparse_attention), h[:, 896:]], -1), w2, residual=x)
-        assert rel_err(out, add_rmsnorm_reference(y, x, norm, 1e-6)[0]) < 2e-2
+        want = add_rmsnorm_reference(y, x, norm, 1e-6)[0]
+        assert rel_err(out, want) < 2e-2
+        q_s = out[:, :256].reshape(16, 4, 1, 64)  # the kernel's own queries: their rounding is not under test
+        expect = reference.position_scores(q_s.float(), k_cache.float(), seq_lens, torch.tensor(heads, device=dev))
+        assert (scores - expect).abs().max() < 1e-3 * len(heads)
