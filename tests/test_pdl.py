@@ -48,7 +48,9 @@ def test_a_graph_of_dependent_launches_matches_the_references(on, restore_pdl):
     """Each kernel reads what the one before it wrote; with PDL a wrong wait would read stale rows. The
     attention gathers its first tile before its wait: the cache rows it reads there were written two
     kernels earlier (RoPE and the cache write), at positions and with values that change between replays.
-    The scoring's two launches close the chain: queries from the last kernel, keys from the cache write."""
+    A scoring closes the chain (launched the usual way: with PDL its normalising launch's programs, scheduled
+    early, took the SMs from the logits launch's second wave): queries from the last kernel, keys from the
+    cache write."""
     from dustin.attention.decode import default_tile, gathers_early
 
     assert gathers_early(64, default_tile(64, True), True, True)  # the chain's attention does gather early

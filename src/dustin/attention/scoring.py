@@ -3,8 +3,7 @@
 Two launches. The first reads each needed key once: a program owns one (sequence, KV head) and a split
 of the positions, its tile rows are the chosen heads of that KV group times the queries; it writes the
 scaled logits and per-split softmax statistics. The second merges the statistics and writes
-`sum_heads softmax(logits)` per query and position. Both launch with PDL (`dustin.pdl`) where it is on,
-so each is scheduled while the kernel before it finishes. Reference: `reference.position_scores`.
+`sum_heads softmax(logits)` per query and position. Reference: `reference.position_scores`.
 
 The logits make a round trip through memory, so they travel as float16 relative to their tile's row
 maximum (plus one float32 maximum per tile and row): half the bytes of float32, and exact to 2^-11
@@ -21,9 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pdl
 from ..errors import DustinError
-from ..pdl import wait_for_inputs
 from .decode import LOG2E, default_tile, dot_precision, plan_splits, split_range
 
 
@@ -31,18 +28,16 @@ from .decode import LOG2E, default_tile, dot_precision, plan_splits, split_range
 def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL,
                    s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
                    T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // n_groups).to(tl.int64)  # b * batch stride can pass 2^31 elements
     grp = pid % n_groups
-    # the head tables are made once, before any capture: read them while the kernel before finishes
+    L = tl.load(SeqLens + b)
     kvh = tl.load(GroupKv + grp)
     rows = tl.arange(0, BLOCK_M)
     t = rows % T
     head = tl.load(GroupHeads + grp * HG + rows // T, mask=rows < HG * T, other=-1)
-    wait_for_inputs(PDL)
-    L = tl.load(SeqLens + b)
     row_ok = head >= 0
     d = tl.arange(0, D)
     q = tl.load(Q + b * s_qb + head[:, None] * s_qh + t[:, None] * s_qt + d[None, :], mask=row_ok[:, None], other=0.0)
@@ -75,13 +70,11 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
 @triton.jit
 def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
                       H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr,
-                      PDL: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
     # every (head, query) row of the block at once: each row's statistics, logits and tile maxima are
     # loaded together, not in a chain of H x T dependent rounds (the draft's 16 rows made one such chain)
     b = tl.program_id(0)
     blk = tl.program_id(1)
-    wait_for_inputs(PDL)  # launched with PDL, it is scheduled during the logits launch's tail
     L = tl.load(SeqLens + b)
     pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     r = tl.arange(0, ROWS)  # row r: head r // T, query r % T
@@ -187,7 +180,7 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
         T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, PRECISION=dot_precision(q.dtype),
-        **pdl.options(q.device), num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
@@ -196,5 +189,5 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
         out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, ROWS=rows, N_SPLITS=n_splits, BLOCK_S=block_s,
-        BLOCK_N=block_n, ACCUMULATE=accumulate, SUM_T=sum_queries, **pdl.options(q.device), num_warps=4)
+        BLOCK_N=block_n, ACCUMULATE=accumulate, SUM_T=sum_queries, num_warps=4)
     return out
