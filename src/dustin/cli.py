@@ -470,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "last two for the draft's size (auto)")
     s.add_argument("--draft-weights", default="native", choices=list(FEW_ROW_WEIGHTS),
                    help="what the draft's fused few-row kernels read: its native weights, or fp8 copies with "
-                        "per-channel scales (half the bytes; proposals may change, what is accepted is still the "
-                        "target's choice)")
+                        "per-channel scales (half the weight memory, but slower steps on an H200; proposals may "
+                        "change, what is accepted is still the target's choice)")
     s.add_argument("--selection-config", help="dustin: tuned config JSON (default: the shipped one for the default pair)")
     s.add_argument("--policy", default="dustin", help="dustin: selection policy (dustin, history, lookahead, "
                    "oracle, streaming, snapkv, quest, full)")

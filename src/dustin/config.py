@@ -227,8 +227,8 @@ class SpecConfig:
     # and its residual add in `dustin.linear`'s kernel) | triton (every one in the fused few-row kernels) | auto
     # (the faster of triton and down for the draft's size, benchmarks/gpu/e2e.json): `LINEAR_BACKENDS`
     draft_weights: str = "native"  # what the draft's few-row passes read: native | fp8 (copies with a scale per
-    # channel, half the bytes, the LM head's too; on CUDA it needs draft_linear="triton"). Proposals may
-    # change, the acceptance rules do not
+    # channel, half the bytes, the LM head's too; on CUDA it needs draft_linear="triton"; slower on the H200,
+    # benchmarks/gpu/e2e.json). Proposals may change, the acceptance rules do not
 
     def validate(self) -> None:
         if self.method not in SPEC_METHODS:

@@ -16,9 +16,9 @@ is complete before a kernel is even scheduled. Kernels launched without PDL (cuB
 their predecessor as usual.
 
 Measured on the H200 (`benchmarks/gpu/e2e.json`, `dustin+draft-selected` against `+no-pdl`), it pays
-where every draft kernel is ours: the Qwen2.5-7B/0.5B step at 32k, batch 16 takes 8.89 ms with it and
-9.59 without; the Llama pair's draft keeps its cuBLAS projections, which take no part (10.67, 10.69).
-The early gather alone is worth 8.89 against 8.95 ms (`+late-gather`).
+where every draft kernel is ours: the Qwen2.5-7B/0.5B step at 32k, batch 16 takes 8.77 ms with it and
+9.48 without; the Llama pair's draft keeps its cuBLAS projections, which take no part (10.55, 10.58).
+The early gather alone is worth 8.77 against 8.81 ms (`+late-gather`).
 
     >>> _kernel[grid](..., **pdl.options(x.device))   # PDL=, and launch_pdl=True where it is on
 """
