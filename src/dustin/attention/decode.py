@@ -323,7 +323,7 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost more than
     the keys they save reading, and one program per SM, rounded down, is best (72B shape, batch 16:
     one split of 64-key tiles, 15.0 us against 21.9 for two); a draft's one query per head has tiny
-    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.9 us against
+    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.8 us against
     8.5 for two).
     """
     per_sm = 1 if block_m >= 32 else 2
