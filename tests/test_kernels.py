@@ -312,7 +312,8 @@ def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
 
 
 @pytest.mark.parametrize("splits,block_n,budget", [(1, 16, 40), (3, 16, 40), (4, 32, 33)])
-def test_gather_read_sums_the_rows_an_index_set_names(splits, block_n, budget):
+@pytest.mark.parametrize("use_pdl", [False, True])
+def test_gather_read_sums_the_rows_an_index_set_names(splits, block_n, budget, use_pdl):
     """The benchmark's read floor reads exactly the rows of the index set: splits of whole tiles, a ragged
     last tile, splits left without rows (4 splits of 32-row tiles over 33 positions)."""
     from dustin.bench.read_floor import gather_read, gather_read_reference
@@ -322,7 +323,7 @@ def test_gather_read_sums_the_rows_an_index_set_names(splits, block_n, budget):
     k = torch.randn(B, hkv, S, D, device=DEV, generator=g)
     v = torch.randn(B, hkv, S, D, device=DEV, generator=g)
     idx = torch.stack([torch.randperm(S, generator=g, device=DEV)[:budget] for _ in range(B)]).int()
-    out = gather_read(k, v, idx, n_splits=splits, block_n=block_n)
+    out = gather_read(k, v, idx, n_splits=splits, block_n=block_n, use_pdl=use_pdl)
     want = gather_read_reference(k, v, idx, n_splits=splits, block_n=block_n)
     assert torch.allclose(out, want, atol=1e-4)
     assert want.abs().sum() > 0 and (splits < 4 or bool((want[:, :, 2:] == 0).all()))

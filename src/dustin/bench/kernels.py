@@ -5,7 +5,8 @@ verification queries and a `budget`-entry index set:
 - full: our split-KV kernel (the best of a small split sweep: the baseline at its strongest; the
   engine's own plan is recorded beside it) against SDPA (`enable_gqa`, boolean mask for the causal tail);
 - sparse: our index-set kernel against gather + SDPA, beside the read floor: a kernel that only reads
-  the same K and V rows (`read_floor`), the fastest of a few splits and tiles;
+  the same K and V rows (`read_floor`), the fastest of a few splits and tiles, launched with and
+  without PDL;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
 - selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), and
   the all-torch path it replaces;
@@ -109,9 +110,10 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
     # what reading the set's K and V rows alone costs in a launch this size: the floor the sparse kernel
     # can approach (a 2 GiB copy's bandwidth is out of reach for a 10 us read)
-    floor = {f"splits{n}-bn{bn}": (lambda n=n, bn=bn: gather_read(k, v, sets[next(rot) % n_sets], n_splits=n,
-                                                                   block_n=bn))
-             for n in (1, 2, 4) for bn in (64, 128)}
+    # (the sparse kernel launches with PDL where it is on: so does the floor's "-pdl" half)
+    floor = {f"splits{n}-bn{bn}" + ("-pdl" if on else ""): (
+        lambda n=n, bn=bn, on=on: gather_read(k, v, sets[next(rot) % n_sets], n_splits=n, block_n=bn, use_pdl=on))
+        for n in (1, 2, 4) for bn in (64, 128) for on in (False, True)}
     out["sparse_read_config"], out["sparse_read_s"], out["sparse_read_variants_s"] = _best(floor, calls=n_sets)
     out["gather_sdpa_s"] = time_graph(
         lambda: reference.sparse_attention(q, k, v, lens, sets[next(rot) % n_sets]), calls=n_sets)

@@ -1,9 +1,11 @@
 """Triton: the gathered bytes of index-set attention read with no attention around them.
 
-A benchmark's yardstick, not an engine kernel. The copy bandwidth is measured on a 2 GiB copy; a read of
-34 MB takes about 10 us, and launch, ramp and tail weigh on it much more. This kernel reads exactly the
-K and V rows an index set names, one program per (sequence, KV head, split), and sums them, so its time
-is what reading those bytes costs in a launch of that size. Reference: `gather_read_reference`.
+A benchmark's yardstick, not an engine kernel. The copy bandwidth is measured on a 2 GiB copy; at that
+rate a read of 34 MB takes 8 us, and in a launch that short, launch, ramp and tail weigh far more. This
+kernel reads exactly the K and V rows an index set names, one program per (sequence, KV head, split),
+and sums them, so its time is what reading those bytes costs in a launch of that size; with `use_pdl`
+it launches as the sparse kernel does (`dustin.pdl`), overlapping the launch before it. Reference:
+`gather_read_reference`.
 """
 from __future__ import annotations
 
@@ -11,14 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pdl
 from ..attention.decode import split_range
+from ..pdl import wait_for_inputs
 
 
 @triton.jit
 def _gather_read_kernel(K, V, Idx, Out, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib, n_kv_heads, n_budget,
-                        D: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr):
+                        D: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head)
     split = tl.program_id(1)
+    wait_for_inputs(PDL)
     b = (pid // n_kv_heads).to(tl.int64)
     h = pid % n_kv_heads
     lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
@@ -35,7 +40,7 @@ def _gather_read_kernel(K, V, Idx, Out, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_ib
 
 
 def gather_read(k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Tensor, *, n_splits: int = 1,
-                block_n: int = 64, num_warps: int = 4, num_stages: int = 1) -> torch.Tensor:
+                block_n: int = 64, num_warps: int = 4, num_stages: int = 1, use_pdl: bool = False) -> torch.Tensor:
     """Per (sequence, KV head, split), the sum of the K and V rows at `indices`.
 
     k_cache, v_cache: `[B, Hkv, S, D]`; indices: `[B, budget]` positions in `[0, S)`, contiguous.
@@ -46,7 +51,8 @@ def gather_read(k_cache: torch.Tensor, v_cache: torch.Tensor, indices: torch.Ten
     _gather_read_kernel[(B * Hkv, n_splits)](
         k_cache, v_cache, indices, out, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0), Hkv, indices.shape[1],
-        D=D, BLOCK_N=block_n, N_SPLITS=n_splits, num_warps=num_warps, num_stages=num_stages)
+        D=D, BLOCK_N=block_n, N_SPLITS=n_splits, **(pdl.options(k_cache.device) if use_pdl else {"PDL": False}),
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
