@@ -18,6 +18,7 @@ sets are the same; among tied scores either round may keep different positions).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -28,6 +29,26 @@ from ..errors import DustinError
 from ..scratch import zeros as scratch_zeros
 
 FLOAT_MIN = torch.finfo(torch.float32).min
+_rank_chunks = 1  # `use_rank_chunks`: what a policy asks for
+
+
+@contextlib.contextmanager
+def use_rank_chunks(n: int):
+    """Within the block, policies rank their budget split in `n` chunks per row (1: one round, the
+    default): a benchmark compares the two side by side in whole steps."""
+    global _rank_chunks
+    if not isinstance(n, int) or n < 1:
+        raise DustinError(f"rank_chunks must be a positive int, got {n!r}")
+    saved, _rank_chunks = _rank_chunks, n
+    try:
+        yield
+    finally:
+        _rank_chunks = saved
+
+
+def policy_rank_chunks() -> int:
+    """The chunks a policy's budget split ranks in (`use_rank_chunks`)."""
+    return _rank_chunks
 
 
 @triton.jit
