@@ -365,7 +365,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         part_ss = torch.empty(tiles * splits * block_m, device=x.device, dtype=torch.float32)
         counter = semaphores(x.device, tiles)
     _linear_kernel[grid](
-        x2, weight, weight_scale if weight_scale is not None else out2, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight,
+        x2, weight, weight_scale if weight_scale is not None else out2, bias if bias is not None else weight,
+        norm_weight if norm_weight is not None else weight,
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, SCALED=weight_scale is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,

@@ -110,8 +110,8 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
     # what reading the set's K and V rows alone costs in a launch this size: the floor the sparse kernel
-    # can approach (a 2 GiB copy's bandwidth is out of reach for a 10 us read)
-    # (the sparse kernel launches with PDL where it is on: so does the floor's "-pdl" half)
+    # can approach (a 2 GiB copy's bandwidth is out of reach for a 10 us read); the sparse kernel launches
+    # with PDL where it is on, and so does the floor's "-pdl" half
     floor = {f"splits{n}-bn{bn}" + ("-pdl" if on else ""): (
         lambda n=n, bn=bn, on=on: gather_read(k, v, sets[next(rot) % n_sets], n_splits=n, block_n=bn, use_pdl=on))
         for n in (1, 2, 4) for bn in (64, 128) for on in (False, True)}
@@ -138,9 +138,9 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     m = (budget - 20) // 4
     out["select_s"] = time_graph(lambda: split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
                                                                    n_recent=16, check=False))
+    torch_sets = budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)
     out["select_equal"] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
-                                                                      n_recent=16),
-                                           budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)))
+                                                                      n_recent=16), torch_sets))
     out["select_torch_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
     # the top-k in two rounds, over chunks of each row: more rows for the GPU in the first round
     out["select_chunked_s"], out["select_chunked_equal"] = {}, {}
@@ -149,8 +149,7 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         out["select_chunked_s"][n] = time_graph(lambda kw=kw: split_kernels.budget_split(s_T, s_D, lens, m, check=False,
                                                                                           **kw))
         out["select_chunked_equal"][n] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, **kw),
-                                                          budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
-                                                                       n_recent=16)))
+                                                          torch_sets))
     both = torch.stack([s_T, s_D]).view(2 * B, S)
     out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the top-k inside the split
     out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers
@@ -183,7 +182,8 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
                          f"gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
                          f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}) "
                          f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us (in chunks: "
-                         f"{', '.join(f'{n}: {t * 1e6:.1f}' for n, t in c['select_chunked_s'].items())}), dustin/layer "
+                         f"{', '.join(f'{n}: {t * 1e6:.1f}' for n, t in c['select_chunked_s'].items())}), "
+                         f"dustin/layer "
                          f"{c['dustin_layer_s'] * 1e6:.1f} us = {c['dustin_speedup']:.1f}x")
     return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "cases": cases}
 
@@ -197,7 +197,8 @@ def table(record: dict) -> str:
                     f"| {c['full_bw_frac']:.0%} | {c.get('full_default_s', float('nan')) * 1e3:.3f} "
                     f"| {c.get('sdpa_full_s', float('nan')) * 1e3:.2f} | {c['sparse_s'] * 1e6:.1f} "
                     f"({c.get('sparse_best_s', c['sparse_s']) * 1e6:.1f}) "
-                    f"| {c.get('sparse_read_s', float('nan')) * 1e6:.1f} | {c['gather_sdpa_s'] * 1e6:.1f} | {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
+                    f"| {c.get('sparse_read_s', float('nan')) * 1e6:.1f} | {c['gather_sdpa_s'] * 1e6:.1f} "
+                    f"| {c['score_s'] * 1e6:.1f} ({c['score_bw_frac']:.0%}) "
                     f"| {c['select_s'] * 1e6:.1f} | {c['dustin_layer_s'] * 1e6:.2f} | {c['dustin_speedup']:.1f}x |")
     return "\n".join(rows)
 

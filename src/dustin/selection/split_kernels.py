@@ -159,7 +159,8 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
         return reference(history, lookahead, seq_lens, m, budget=budget, n_sink=n_sink, n_recent=n_recent)
     m = torch.full((B,), m, device=dev, dtype=torch.long) if isinstance(m, int) else m.reshape(-1).expand(B)
     # a chunk narrower than `rest` could not hold a row's best: then one round
-    width = -(-S // rank_chunks) if rank_chunks > 1 and -(-S // rank_chunks) >= rest else S
+    width = -(-S // rank_chunks)
+    width = width if width >= rest else S
     chunks = -(-S // width)
     scores = torch.empty(2 * B, chunks * width, device=dev, dtype=torch.float32)
     block = 1024
