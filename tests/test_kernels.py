@@ -311,33 +311,6 @@ def test_budget_split_kernels_equal_reference(budget, n_sink, n_recent):
                                    scratch=torch.zeros(5, dtype=torch.int8, device=DEV))
 
 
-@pytest.mark.parametrize("rank_chunks", [2, 3, 6, 40])
-def test_budget_split_ranked_in_chunks(rank_chunks):
-    """Ranking in two rounds over chunks of each row gives the reference's sets when the scores are
-    distinct (3 and 6 chunks leave a ragged last chunk, padded past S; 40 chunks would be narrower than the
-    free share, so the split ranks in one round); with ties it still gives valid sets: `budget` distinct
-    positions below the length, in order, the sinks and the recent window among them."""
-    from dustin.selection import indices, split_kernels
-
-    g = torch.Generator(device=DEV).manual_seed(5)
-    B, S, budget, n_sink, n_recent = 5, 301, 40, 3, 5
-    lens = torch.randint(budget, S + 1, (B,), device=DEV, generator=g)
-    lens[1] = budget - 1
-    hist, look = torch.rand(2, B, S, device=DEV, generator=g)
-    m = torch.tensor([0, 3, 32, 11, 40], device=DEV)
-    kw = dict(budget=budget, n_sink=n_sink, n_recent=n_recent)
-    got = split_kernels.budget_split(hist, look, lens, m, rank_chunks=rank_chunks, **kw)
-    assert torch.equal(got, indices.budget_split(hist, look, lens, m, **kw))
-    ties = torch.randint(0, 4, (B, S), device=DEV, generator=g).float()
-    got = split_kernels.budget_split(ties, ties.flip(1), lens, m, rank_chunks=rank_chunks, **kw)
-    for row, L in zip(got.tolist(), lens.tolist()):
-        assert row == sorted(set(row)) and len(row) == budget and row[-1] < max(L, budget)
-        if L >= budget:
-            assert set(range(n_sink)) | set(range(L - n_recent, L)) <= set(row)
-    with pytest.raises(DustinError, match="rank_chunks must be"):
-        split_kernels.budget_split(hist, look, lens, m, rank_chunks=0, **kw)
-
-
 @pytest.mark.parametrize("splits,block_n,budget", [(1, 16, 40), (3, 16, 40), (4, 32, 33)])
 @pytest.mark.parametrize("use_pdl", [False, True])
 def test_gather_read_sums_the_rows_an_index_set_names(splits, block_n, budget, use_pdl):

@@ -49,10 +49,8 @@ def test_budget_split_per_sequence_m():
 
 def test_dustin_select_same_sets_through_triton_and_torch():
     """The policy's budget split gives the same index set on the Triton path (its scratch row included)
-    as on the torch path, and as on the Triton path ranking in two chunks per row (`use_rank_chunks`)."""
+    as on the torch path."""
     pytest.importorskip("triton")
-    from dustin.selection import split_kernels
-
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs the kernels on the CPU
     target, draft, ids, lens, tokens = _verification_state(dev, dim=64)  # head dim 16: the kernels' smallest
     pol = make_policy(SelectionConfig(policy="dustin", budget=64, m=20, n_recent=8, **HEADS))
@@ -65,16 +63,8 @@ def test_dustin_select_same_sets_through_triton_and_torch():
         for backend in ("torch", "triton"):
             target.attn_backend = backend
             sets.append(pol.select(target, tokens).clone())
-        assert target.cache.k.shape[-2] >= 2 * 64  # two chunks, each wider than the free share
-        with split_kernels.use_rank_chunks(2):
-            assert split_kernels.policy_rank_chunks() == 2
-            sets.append(pol.select(target, tokens).clone())
     target.attn_backend = "auto"
-    assert torch.equal(sets[0], sets[1]) and torch.equal(sets[0], sets[2]) and int(pol._scratch.abs().sum()) == 0
-    assert split_kernels.policy_rank_chunks() == 1
-    with pytest.raises(DustinError, match="rank_chunks must be"):
-        with split_kernels.use_rank_chunks(0):
-            pass
+    assert torch.equal(sets[0], sets[1]) and int(pol._scratch.abs().sum()) == 0
 
 
 def test_streaming_indices():

@@ -8,9 +8,8 @@ verification queries and a `budget`-entry index set:
   the same K and V rows (`read_floor`), the fastest of a few splits and tiles, launched with and
   without PDL;
 - scoring: the fused scoring of 4 heads of one KV group over the whole context (the history signal);
-- selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), the
-  same with the top-k in two rounds over 8, 16 or 32 chunks of each row, and the all-torch path it
-  replaces;
+- selection: Dustin's budget split on the GPU (Triton masking and merge around one torch top-k), and
+  the all-torch path it replaces;
 - per layer, Dustin's verification attention = sparse (the default plan, as the engine runs it) +
   (scoring + selection) / n_layers, against full.
 Every kernel is timed inside a CUDA graph; index sets rotate so the sparse reads do not sit in L2.
@@ -138,18 +137,10 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     m = (budget - 20) // 4
     out["select_s"] = time_graph(lambda: split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
                                                                    n_recent=16, check=False))
-    torch_sets = budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)
     out["select_equal"] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4,
-                                                                      n_recent=16), torch_sets))
+                                                                      n_recent=16),
+                                           budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16)))
     out["select_torch_s"] = time_graph(lambda: budget_split(s_T, s_D, lens, m, budget=budget, n_sink=4, n_recent=16))
-    # the top-k in two rounds, over chunks of each row: more rows for the GPU in the first round
-    out["select_chunked_s"], out["select_chunked_equal"] = {}, {}
-    for n in (8, 16, 32):
-        kw = dict(budget=budget, n_sink=4, n_recent=16, rank_chunks=n)
-        out["select_chunked_s"][n] = time_graph(lambda kw=kw: split_kernels.budget_split(s_T, s_D, lens, m, check=False,
-                                                                                          **kw))
-        out["select_chunked_equal"][n] = bool(torch.equal(split_kernels.budget_split(s_T, s_D, lens, m, **kw),
-                                                          torch_sets))
     both = torch.stack([s_T, s_D]).view(2 * B, S)
     out["select_topk_s"] = time_graph(lambda: both.topk(budget - 20, dim=1))  # the top-k inside the split
     out["dustin_layer_s"] = out["sparse_s"] + (out["score_s"] + out["select_s"]) / args.n_layers
@@ -181,9 +172,7 @@ def run(*, shapes=PAPER_SHAPES, contexts=(8192, 16384, 32768), batches=(8, 16), 
                          f"[{c['sparse_best_config']}]; read floor {c['sparse_read_s'] * 1e6:.1f}; "
                          f"gather+SDPA {c['gather_sdpa_s'] * 1e6:.1f}), "
                          f"score {c['score_s'] * 1e6:.1f} us ({c['score_bw_frac']:.0%}) "
-                         f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us (in chunks: "
-                         f"{', '.join(f'{n}: {t * 1e6:.1f}' for n, t in c['select_chunked_s'].items())}), "
-                         f"dustin/layer "
+                         f"[{c['score_config']}], select {c['select_s'] * 1e6:.1f} us, dustin/layer "
                          f"{c['dustin_layer_s'] * 1e6:.1f} us = {c['dustin_speedup']:.1f}x")
     return {"copy_bandwidth_Bps": bw, "copy_bandwidth": copy, "cases": cases}
 

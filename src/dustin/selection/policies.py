@@ -170,8 +170,7 @@ class Dustin(Policy):
         if target.attention_backend == "triton":
             from . import split_kernels  # the same sets, in two launches around the top-k
 
-            self.indices.copy_(split_kernels.budget_split(*args, **kw, scratch=self._scratch,
-                                                          rank_chunks=split_kernels.policy_rank_chunks()))
+            self.indices.copy_(split_kernels.budget_split(*args, **kw, scratch=self._scratch))
         else:
             self.indices.copy_(budget_split(*args, **kw))
         self.has_indices = True

@@ -9,16 +9,10 @@ the survivors are compacted by a prefix sum and scattered after them, sinks and 
 written around them, and the row is sorted. Same inputs, same top-k, so the result is identical to the
 reference, ties included.
 
-`rank_chunks > 1` ranks in two rounds instead: the best `rest` of each of that many chunks of a row,
-then the best `rest` of those (the row's best are among its chunks' best, so with distinct scores the
-sets are the same; among tied scores either round may keep different positions). One top-k over
-`[2B, S]` gives the GPU 2B rows to work on; the first round gives it `rank_chunks` times as many.
-
     >>> idx = budget_split(s_T, s_D, seq_lens, m, budget=512, n_sink=4, n_recent=16)  # == indices.budget_split
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -29,43 +23,21 @@ from ..errors import DustinError
 from ..scratch import zeros as scratch_zeros
 
 FLOAT_MIN = torch.finfo(torch.float32).min
-_rank_chunks = 1  # `use_rank_chunks`: what a policy asks for
-
-
-@contextlib.contextmanager
-def use_rank_chunks(n: int):
-    """Within the block, policies rank their budget split in `n` chunks per row (1: one round, the
-    default): a benchmark compares the two side by side in whole steps."""
-    global _rank_chunks
-    if not isinstance(n, int) or n < 1:
-        raise DustinError(f"rank_chunks must be a positive int, got {n!r}")
-    saved, _rank_chunks = _rank_chunks, n
-    try:
-        yield
-    finally:
-        _rank_chunks = saved
-
-
-def policy_rank_chunks() -> int:
-    """The chunks a policy's budget split ranks in (`use_rank_chunks`)."""
-    return _rank_chunks
 
 
 @triton.jit
-def _mask_kernel(History, Lookahead, Lens, Out, B, S, W, s_hb, s_lb,
+def _mask_kernel(History, Lookahead, Lens, Out, B, S, s_hb, s_lb,
                  N_SINK: tl.constexpr, N_RECENT: tl.constexpr, BLOCK: tl.constexpr, FILL: tl.constexpr):
-    """History, Lookahead: `[B, S]` rows `s_hb` / `s_lb` apart; Lens: `[B]`; Out: `[2 B, W]` float32, W >= S
-    (positions from S on are filled)."""
+    """History, Lookahead: `[B, S]` rows `s_hb` / `s_lb` apart; Lens: `[B]`; Out: `[2 B, S]` float32."""
     b = tl.program_id(0)
     j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = j < S
-    in_out = j < W
     L = tl.load(Lens + b).to(tl.int64)
     blocked = (j < N_SINK) | (j >= L - N_RECENT)  # sinks, the recent window, and past the length
     look = tl.load(Lookahead + b * s_lb + j, mask=in_row, other=0.0).to(tl.float32)
     hist = tl.load(History + b * s_hb + j, mask=in_row, other=0.0).to(tl.float32)
-    tl.store(Out + b * W + j, tl.where(blocked, FILL, look), mask=in_out)
-    tl.store(Out + (B + b) * W + j, tl.where(blocked, FILL, hist), mask=in_out)
+    tl.store(Out + b * S + j, tl.where(blocked, FILL, look), mask=in_row)
+    tl.store(Out + (B + b) * S + j, tl.where(blocked, FILL, hist), mask=in_row)
 
 
 @triton.jit
@@ -84,15 +56,12 @@ def _merge_kernel(Top, M, Lens, Flags, Out, B, S, rest, s_ob, budget,
     hist = tl.load(Top + (B + b) * rest + r, mask=ok, other=0)
     # a history pick is taken if it is one of the top-m lookahead picks: flag those positions in a zeroed
     # row, read the flags at the history picks, and clear them again for the next launch
-    # (a pick past S, the padding of a chunked ranking, can only rank among the masked positions: it has
-    # no flag, and its position is past every length, so attention skips it)
     flags = Flags + b * S
-    tl.store(flags + look, 1, mask=(r < m) & (look < S))
+    tl.store(flags + look, 1, mask=r < m)
     tl.debug_barrier()
-    taken = tl.load(flags + hist, mask=ok & (hist < S), other=0, volatile=True)
-    taken = tl.where(ok, taken, 1)
+    taken = tl.load(flags + hist, mask=ok, other=1, volatile=True)
     tl.debug_barrier()
-    tl.store(flags + look, 0, mask=(r < m) & (look < S))
+    tl.store(flags + look, 0, mask=r < m)
     keep = (taken == 0).to(tl.int32)
     dest = tl.cumsum(keep, 0) - 1 + m  # the kept picks in rank order, after the lookahead ones
     out = Out + b * s_ob
@@ -110,26 +79,13 @@ def _merge_kernel(Top, M, Lens, Flags, Out, B, S, rest, s_ob, budget,
     tl.store(out + j, tl.sort(row, 0), mask=j < budget)
 
 
-def _rank(scores: torch.Tensor, rest: int, chunks: int) -> torch.Tensor:
-    """Indices of each row's `rest` best scores, best first. scores: `[R, chunks * width]` float32."""
-    if chunks == 1:
-        return scores.topk(rest, dim=1).indices
-    R, W = scores.shape
-    width = W // chunks
-    vals, idx = scores.view(R * chunks, width).topk(rest, dim=1)
-    idx = (idx.view(R, chunks, rest) + torch.arange(0, W, width, device=scores.device)[:, None]).view(R, -1)
-    return idx.gather(1, vals.view(R, -1).topk(rest, dim=1).indices)
-
-
 def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch.Tensor, m: torch.Tensor | int, *,
                  budget: int, n_sink: int, n_recent: int, scratch: torch.Tensor | None = None,
-                 rank_chunks: int = 1, check: bool = True) -> torch.Tensor:
+                 check: bool = True) -> torch.Tensor:
     """`indices.budget_split` on the GPU. history, lookahead: `[B, S]` float scores with a contiguous last
     dimension; seq_lens: `[B]`; m: `[B]` or int; scratch: a zeroed int8 tensor of at least `B * S`
     elements that the call leaves zeroed (a caller that owns one, such as a policy, keeps its launches
-    apart from other callers'; default: one per device); rank_chunks: rank in two rounds over that many
-    chunks of each row (the module docstring says when that changes the result). Returns `[B, budget]`
-    int64."""
+    apart from other callers'; default: one per device). Returns `[B, budget]` int64."""
     from .indices import budget_split as reference
 
     B, S = history.shape
@@ -150,27 +106,20 @@ def budget_split(history: torch.Tensor, lookahead: torch.Tensor, seq_lens: torch
         if not isinstance(m, int) and (not torch.is_tensor(m) or m.is_floating_point() or m.device != history.device
                                        or m.numel() not in (1, B)):
             raise DustinError(f"m must be an int or an integer tensor of 1 or {B} elements on {history.device}")
-        if not isinstance(rank_chunks, int) or rank_chunks < 1:
-            raise DustinError(f"rank_chunks must be a positive int, got {rank_chunks!r}")
         if scratch is not None and (scratch.dtype != torch.int8 or scratch.numel() < B * S
                                     or scratch.device != history.device or not scratch.is_contiguous()):
             raise DustinError(f"scratch must be a contiguous int8 tensor of >= {B * S} elements on {history.device}")
     if S <= budget:
         return reference(history, lookahead, seq_lens, m, budget=budget, n_sink=n_sink, n_recent=n_recent)
     m = torch.full((B,), m, device=dev, dtype=torch.long) if isinstance(m, int) else m.reshape(-1).expand(B)
-    # a chunk narrower than `rest` could not hold a row's best: then one round
-    width = -(-S // rank_chunks)
-    width = width if width >= rest else S
-    chunks = -(-S // width)
-    scores = torch.empty(2 * B, chunks * width, device=dev, dtype=torch.float32)
+    scores = torch.empty(2 * B, S, device=dev, dtype=torch.float32)
     block = 1024
     seq_lens = seq_lens.contiguous()
-    # the row's tail past S, padding for whole chunks, is masked like the positions past the length
-    _mask_kernel[(B, triton.cdiv(chunks * width, block))](history, lookahead, seq_lens, scores, B, S, chunks * width,
-                                                          history.stride(0), lookahead.stride(0), N_SINK=n_sink,
-                                                          N_RECENT=n_recent, BLOCK=block, FILL=FLOAT_MIN)
+    _mask_kernel[(B, triton.cdiv(S, block))](history, lookahead, seq_lens, scores, B, S, history.stride(0),
+                                             lookahead.stride(0), N_SINK=n_sink, N_RECENT=n_recent, BLOCK=block,
+                                             FILL=FLOAT_MIN)
     # row b ranks the lookahead of sequence b, row B + b its history, as `Candidates.rank` stacks them
-    top = _rank(scores, rest, chunks)
+    top = scores.topk(rest, dim=1).indices
     out = torch.empty(B, budget, device=dev, dtype=torch.long)
     flags = (scratch_zeros("budget split flag", dev, B * S, torch.int8, hint=", or pass scratch=")
              if scratch is None else scratch)
