@@ -14,6 +14,7 @@ relative where it matters, near each maximum.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -21,16 +22,16 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
-from .decode import LOG2E, default_tile, dot_precision, plan_splits, split_range
+from ..scratch import zeros as scratch_zeros
+from .decode import LOG2E, _sm_count, default_tile, dot_precision, plan_splits, split_range
 
 
 @triton.jit
-def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL,
-                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
-                   T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
+def _logits_split(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, pid, split,
+                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
+                  T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (pid = sequence x KV group, split): its keys' logits, tile maxima and split statistics."""
     b = (pid // n_groups).to(tl.int64)  # b * batch stride can pass 2^31 elements
     grp = pid % n_groups
     L = tl.load(SeqLens + b)
@@ -68,24 +69,23 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
 
 
 @triton.jit
-def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
-                      H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
-    # every (head, query) row of the block at once: each row's statistics, logits and tile maxima are
-    # loaded together, not in a chain of H x T dependent rounds (the draft's 16 rows made one such chain)
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+def _normalize_block(Logits, TileMax, PartM, PartL, SeqLens, Out, b, pos, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
+                     H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
+                     SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
+    """Sequence b's scores at positions `pos`: every (head, query) row of the block at once, so each row's
+    statistics, logits and tile maxima load together, not in a chain of H x T dependent rounds (the
+    draft's 16 rows made one such chain)."""
     L = tl.load(SeqLens + b)
-    pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     r = tl.arange(0, ROWS)  # row r: head r // T, query r % T
     t = r % T
     row_ok = r < H * T
-    splits = tl.arange(0, N_SPLITS)
+    splits = tl.arange(0, SPLITS_P2)
     part = (b * H * T + r)[:, None] * N_SPLITS + splits[None, :]
-    pm = tl.load(PartM + part, mask=row_ok[:, None], other=0.0)
+    stats_ok = row_ok[:, None] & (splits < N_SPLITS)[None, :]
+    pm = tl.load(PartM + part, mask=stats_ok, other=float("-inf"))
     m = tl.max(pm, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.load(PartL + part, mask=row_ok[:, None], other=1.0) * tl.exp2(pm - m_safe[:, None]), 1)
+    denom = tl.sum(tl.load(PartL + part, mask=stats_ok, other=0.0) * tl.exp2(pm - m_safe[:, None]), 1)
     visible = row_ok[:, None] & (pos[None, :] < S) & (pos[None, :] <= L + t[:, None])
     x = tl.load(Logits + b * s_lb + (r // T)[:, None] * s_lh + t[:, None] * s_lt + pos[None, :], mask=visible,
                 other=float("-inf"))
@@ -108,6 +108,68 @@ def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
     tl.store(ptr, x, mask=mask)
 
 
+@triton.jit
+def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL,
+                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles, scale,
+                   T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    _logits_split(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, tl.program_id(0),
+                  tl.program_id(1), s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, n_heads, n_tiles,
+                  scale, T, HG, D, BLOCK_M, BLOCK_N, N_SPLITS, PRECISION)
+
+
+@triton.jit
+def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
+                      H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
+                      SPLITS_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
+    b = tl.program_id(0)
+    pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    _normalize_block(Logits, TileMax, PartM, PartL, SeqLens, Out, b, pos, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
+                     H, T, ROWS, N_SPLITS, SPLITS_P2, BLOCK_N, ACCUMULATE, SUM_T)
+
+
+@triton.jit
+def _scores_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, Out, Arrived, Left,
+                   s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_groups, n_tiles,
+                   scale, H: tl.constexpr, T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                   PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   SUM_T: tl.constexpr):
+    """Both launches in one: the logits, a wait for the sequence's other programs, then this program's
+    share of the sequence's positions normalised. Every program must be resident at once (a cooperative
+    launch of at most one wave), or the wait never ends."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    _logits_split(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, pid, split,
+                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_groups, H, n_tiles, scale,
+                  T, HG, D, BLOCK_M, BLOCK_N, N_SPLITS, PRECISION)
+    b = pid // n_groups
+    n = n_groups * N_SPLITS
+    _sequence_barrier(Arrived + b, Left + b, n)
+    me = (pid % n_groups) * N_SPLITS + split
+    per = tl.cdiv(tl.cdiv(S, BLOCK_S), n)
+    for blk in range(me * per, tl.minimum(me * per + per, tl.cdiv(S, BLOCK_S))):
+        _normalize_block(Logits, TileMax, PartM, PartL, SeqLens, Out, b, blk * BLOCK_S + tl.arange(0, BLOCK_S),
+                         s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles, H, T, ROWS, N_SPLITS, SPLITS_P2, BLOCK_N,
+                         ACCUMULATE, SUM_T)
+
+
+@triton.jit
+def _sequence_barrier(Arrived, Left, n):
+    """Wait until all `n` programs of a sequence have arrived. Both counters are zero again once the last
+    program has left, so the buffers need no clearing between launches (or CUDA-graph replays)."""
+    tl.debug_barrier()  # every thread's stores are issued before this program announces itself
+    tl.atomic_add(Arrived, 1, sem="release")
+    seen = tl.atomic_add(Arrived, 0, sem="acquire")
+    while seen < n:
+        seen = tl.atomic_add(Arrived, 0, sem="acquire")
+    tl.debug_barrier()
+    if tl.atomic_add(Left, 1, sem="relaxed") == n - 1:  # all have passed the wait: reset for the next launch
+        tl.atomic_xchg(Left, 0, sem="relaxed")
+        tl.atomic_xchg(Arrived, 0, sem="release")
+
+
 @lru_cache(maxsize=64)
 def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen heads grouped by the KV head they read, as device tables made once (no copies inside a
@@ -123,7 +185,7 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     out: torch.Tensor | None = None, n_splits: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None, sum_queries: bool = False,
-                    check: bool = True) -> torch.Tensor:
+                    one_launch: bool | None = None, check: bool = True) -> torch.Tensor:
     """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
 
     q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
@@ -135,7 +197,9 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     for one query and 8 for four. `block_n` defaults to the whole cache's tile (`decode.default_tile`),
     `num_stages` to four for 64 keys and three for more. `sum_queries`: the scores summed over the
     queries as well, `[B, 1, S]` (a draft's lookahead queries count together): the T rows are never
-    written.
+    written. `one_launch`: both halves in one cooperative launch of at most one program per
+    multiprocessor (`_scores_kernel`); None takes it where it can run (a GPU, with a Triton that has
+    cooperative launches, and a plan that fits in one wave).
     """
     kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
     B, H, T, D = q.shape
@@ -161,9 +225,22 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     n_groups, hg = table.shape
     block_m = max(16, triton.next_power_of_2(hg * T))
     num_warps = num_warps or (8 if hg * T > 8 else 4)
-    # a power of two: the merge kernel loads the splits' statistics as one vector
-    splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True)
-    n_splits = triton.next_power_of_2(splits)
+    waves = _sm_count(q.device)
+    if one_launch is None:
+        one_launch = cooperative_launch_available(q.device) and B * n_groups * (n_splits or 1) <= waves
+    elif one_launch:
+        if not cooperative_launch_available(q.device):
+            raise DustinError("one_launch needs a GPU and a Triton with cooperative launches (not the interpreter); "
+                              "pass one_launch=None to fall back to two launches")
+        if B * n_groups * (n_splits or 1) > waves:
+            raise DustinError(f"one_launch runs at most one program per multiprocessor ({waves}), but {B} sequences x "
+                              f"{n_groups} KV groups x {n_splits or 1} splits need more; pass fewer n_splits")
+    if one_launch:  # one wave: every program of a sequence must be resident while it waits for the others
+        n_splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1)
+        splits_p2 = triton.next_power_of_2(n_splits)
+    else:  # a power of two: the merge kernel loads the splits' statistics as one vector
+        n_splits = splits_p2 = triton.next_power_of_2(
+            n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True))
     # the full cache's tiles, about 16 KB of keys: measured on the H200 with one query at 32k, batch 16,
     # 64 keys four stages deep at head dim 128 (Qwen2.5-72B shape, 43.1 us, benchmarks/gpu/kernels.json);
     # 128 keys three deep at head dim 64 (Qwen2.5-0.5B shape, 28.8 us against 33.7 for 64 keys four deep
@@ -175,19 +252,41 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
     part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    _logits_kernel[(B * n_groups, n_splits)](
-        q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
-        T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
     rows = triton.next_power_of_2(H * T)
     block_s = max(16, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
+    shared = dict(T=T, BLOCK_N=block_n, N_SPLITS=n_splits)
+    q_args = (q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+              logits.stride(0), logits.stride(1), logits.stride(2))
+    logit_meta = dict(HG=hg, D=D, BLOCK_M=block_m, PRECISION=dot_precision(q.dtype))
+    norm_meta = dict(H=H, ROWS=rows, SPLITS_P2=splits_p2, BLOCK_S=block_s, ACCUMULATE=accumulate,
+                     SUM_T=sum_queries)
+    if one_launch:
+        counters = scratch_zeros("scoring barrier", q.device, 2 * B, torch.int32,
+                                 hint=", or pass one_launch=False")
+        _scores_kernel[(B * n_groups, n_splits)](
+            q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, out, counters, counters[B:],
+            *q_args, out.stride(0), out.stride(1), S, n_groups, n_tiles, LOG2E / math.sqrt(D),
+            **shared, **logit_meta, **norm_meta, num_warps=num_warps, num_stages=num_stages,
+            launch_cooperative_grid=True)
+        return out
+    _logits_kernel[(B * n_groups, n_splits)](
+        q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, *q_args, n_groups, H, n_tiles,
+        LOG2E / math.sqrt(D), **shared, **logit_meta, num_warps=num_warps, num_stages=num_stages)
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
-        out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, ROWS=rows, N_SPLITS=n_splits, BLOCK_S=block_s,
-        BLOCK_N=block_n, ACCUMULATE=accumulate, SUM_T=sum_queries, num_warps=4)
+        out.stride(0), out.stride(1), S, n_tiles, **shared, **norm_meta, num_warps=4)
     return out
+
+
+@lru_cache(maxsize=None)
+def cooperative_launch_available(device: torch.device) -> bool:
+    """A GPU, compiled kernels (the interpreter runs programs one after another: a wait for the others
+    would never end), and a Triton that knows the launch option."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
