@@ -236,8 +236,8 @@ def test_score_positions_in_one_launch_replays_and_refuses_what_it_cannot_run():
             score_positions(q, k, sl, [0, 1], one_launch=True)
         return
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    with pytest.raises(DustinError, match="at most one program per multiprocessor"):
-        score_positions(q, k, sl, [0, 1], n_splits=sms, one_launch=True)
+    with pytest.raises(DustinError, match="programs resident here"):
+        score_positions(q, k, sl, [0, 1], n_splits=40 * sms, one_launch=True)
     B, lens = 13, [4000 + 331 * i for i in range(13)]
     q, k, _, sl = make(B, 4, 8, 4, 128, 8200, lens, torch.bfloat16, seed=2)
     heads = [0, 3, 3, 7]

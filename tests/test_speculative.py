@@ -128,9 +128,10 @@ def test_greedy_speculative_equals_autoregressive(method, gamma):
 def test_fp8_draft_changes_proposals_not_the_output():
     """A draft whose fused few-row kernels read fp8 weights still yields the target's greedy tokens."""
     pytest.importorskip("triton")
-    target = tiny_model(seed=0, dim=64)
-    draft = perturbed_copy(target, 0.4)
-    draft.attn_backend = "triton"  # the fused kernels (under the interpreter on the CPU)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the fused kernels (under the interpreter on the CPU)
+    target = tiny_model(seed=0, dim=64).to(dev)
+    draft = perturbed_copy(target, 0.4).to(dev)
+    draft.attn_backend = "triton"
     n = 12
     cfg = SpecConfig(method="sd", gamma=3, max_new_tokens=n, stop_tokens=(), draft_linear="triton",
                      draft_weights="fp8")

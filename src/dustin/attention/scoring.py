@@ -13,6 +13,7 @@ relative where it matters, near each maximum.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import lru_cache
@@ -182,6 +183,21 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
     return table, torch.tensor(list(by_kv), dtype=torch.int32, device=device)
 
 
+_one_launch = True  # what `one_launch=None` asks for (`use_one_launch`)
+
+
+@contextlib.contextmanager
+def use_one_launch(flag: bool):
+    """Within the block, scoring called with `one_launch=None` runs in one launch where it can (True, the
+    default) or in two: a benchmark compares the two side by side in whole steps."""
+    global _one_launch
+    saved, _one_launch = _one_launch, bool(flag)
+    try:
+        yield
+    finally:
+        _one_launch = saved
+
+
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     out: torch.Tensor | None = None, n_splits: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None, sum_queries: bool = False,
@@ -197,9 +213,9 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     for one query and 8 for four. `block_n` defaults to the whole cache's tile (`decode.default_tile`),
     `num_stages` to four for 64 keys and three for more. `sum_queries`: the scores summed over the
     queries as well, `[B, 1, S]` (a draft's lookahead queries count together): the T rows are never
-    written. `one_launch`: both halves in one cooperative launch of at most one program per
-    multiprocessor (`_scores_kernel`); None takes it where it can run (a GPU, with a Triton that has
-    cooperative launches, and a plan that fits in one wave).
+    written. `one_launch`: both halves in one cooperative launch (`_scores_kernel`), its splits planned
+    for up to two programs per multiprocessor and never more than fit at once; None takes it where
+    `use_one_launch` says (by default) and it can run (a GPU, and a Triton that has cooperative launches).
     """
     kv_heads = tuple(int(x) for x in (kv_heads.tolist() if torch.is_tensor(kv_heads) else kv_heads))
     B, H, T, D = q.shape
@@ -225,66 +241,89 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     n_groups, hg = table.shape
     block_m = max(16, triton.next_power_of_2(hg * T))
     num_warps = num_warps or (8 if hg * T > 8 else 4)
-    waves = _sm_count(q.device)
-    if one_launch is None:
-        one_launch = cooperative_launch_available(q.device) and B * n_groups * (n_splits or 1) <= waves
-    elif one_launch:
-        if not cooperative_launch_available(q.device):
-            raise DustinError("one_launch needs a GPU and a Triton with cooperative launches (not the interpreter); "
-                              "pass one_launch=None to fall back to two launches")
-        if B * n_groups * (n_splits or 1) > waves:
-            raise DustinError(f"one_launch runs at most one program per multiprocessor ({waves}), but {B} sequences x "
-                              f"{n_groups} KV groups x {n_splits or 1} splits need more; pass fewer n_splits")
-    if one_launch:  # one wave: every program of a sequence must be resident while it waits for the others
-        n_splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1)
-        splits_p2 = triton.next_power_of_2(n_splits)
-    else:  # a power of two: the merge kernel loads the splits' statistics as one vector
-        n_splits = splits_p2 = triton.next_power_of_2(
-            n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True))
     # the full cache's tiles, about 16 KB of keys: measured on the H200 with one query at 32k, batch 16,
     # 64 keys four stages deep at head dim 128 (Qwen2.5-72B shape, 43.1 us, benchmarks/gpu/kernels.json);
     # 128 keys three deep at head dim 64 (Qwen2.5-0.5B shape, 28.8 us against 33.7 for 64 keys four deep
     # at the same split count, benchmarks/gpu/draft-kernels; 32 splits of 64 keys took 27.9)
     block_n = block_n or default_tile(D, False)
     num_stages = num_stages or (4 if block_n <= 64 else 3)
+    if one_launch is None:
+        one_launch = _one_launch and cooperative_launch_available(q.device)
+    elif one_launch and not cooperative_launch_available(q.device):
+        raise DustinError("one_launch needs a GPU and a Triton with cooperative launches (not the interpreter); "
+                          "pass one_launch=False for two launches")
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
     n_tiles = triton.cdiv(S, block_n)
     tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
-    part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
     rows = triton.next_power_of_2(H * T)
     block_s = max(16, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
-    shared = dict(T=T, BLOCK_N=block_n, N_SPLITS=n_splits)
     q_args = (q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
               logits.stride(0), logits.stride(1), logits.stride(2))
     logit_meta = dict(HG=hg, D=D, BLOCK_M=block_m, PRECISION=dot_precision(q.dtype))
-    norm_meta = dict(H=H, ROWS=rows, SPLITS_P2=splits_p2, BLOCK_S=block_s, ACCUMULATE=accumulate,
-                     SUM_T=sum_queries)
+    norm_meta = dict(H=H, ROWS=rows, BLOCK_S=block_s, ACCUMULATE=accumulate, SUM_T=sum_queries)
     if one_launch:
         counters = scratch_zeros("scoring barrier", q.device, 2 * B, torch.int32,
                                  hint=", or pass one_launch=False")
-        _scores_kernel[(B * n_groups, n_splits)](
-            q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, out, counters, counters[B:],
-            *q_args, out.stride(0), out.stride(1), S, n_groups, n_tiles, LOG2E / math.sqrt(D),
-            **shared, **logit_meta, **norm_meta, num_warps=num_warps, num_stages=num_stages,
-            launch_cooperative_grid=True)
+        meta = dict(T=T, BLOCK_N=block_n, **logit_meta, **norm_meta, num_warps=num_warps, num_stages=num_stages)
+        args = lambda part_m, part_l: (  # noqa: E731
+            q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, out, counters, counters[B:], *q_args,
+            out.stride(0), out.stride(1), S, n_groups, n_tiles, LOG2E / math.sqrt(D))
+        # every program of a sequence waits for the others: the whole grid must be resident at once
+        resident = _resident_programs(args(tile_max, tile_max), meta, q.device)
+        if n_splits is None:
+            n_splits = plan_splits(B, n_groups, S, q.device, per_sm=min(2, resident // _sm_count(q.device)))
+        elif B * n_groups * n_splits > resident:
+            raise DustinError(f"one_launch holds at most {resident} programs resident here, but {B} sequences x "
+                              f"{n_groups} KV groups x {n_splits} splits need more; pass fewer n_splits")
+        part_m, part_l = torch.empty(2, B * H * T * n_splits, device=q.device, dtype=torch.float32)
+        _scores_kernel[(B * n_groups, n_splits)](*args(part_m, part_l), N_SPLITS=n_splits,
+                                                 SPLITS_P2=triton.next_power_of_2(n_splits), **meta,
+                                                 launch_cooperative_grid=True)
         return out
+    # a power of two: the merge kernel loads the splits' statistics as one vector
+    n_splits = triton.next_power_of_2(n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True))
+    part_m, part_l = torch.empty(2, B * H * T * n_splits, device=q.device, dtype=torch.float32)
     _logits_kernel[(B * n_groups, n_splits)](
         q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, *q_args, n_groups, H, n_tiles,
-        LOG2E / math.sqrt(D), **shared, **logit_meta, num_warps=num_warps, num_stages=num_stages)
+        LOG2E / math.sqrt(D), T=T, BLOCK_N=block_n, N_SPLITS=n_splits, **logit_meta, num_warps=num_warps,
+        num_stages=num_stages)
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
-        out.stride(0), out.stride(1), S, n_tiles, **shared, **norm_meta, num_warps=4)
+        out.stride(0), out.stride(1), S, n_tiles, T=T, BLOCK_N=block_n, N_SPLITS=n_splits, SPLITS_P2=n_splits,
+        **norm_meta, num_warps=4)
     return out
 
 
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_programs(args: tuple, meta: dict, device: torch.device) -> int:
+    """How many programs of `_scores_kernel` with these constants the GPU holds at once: the tightest of
+    its threads, registers and shared memory per multiprocessor, times the multiprocessors."""
+    key = (device, args[0].dtype, tuple(sorted(meta.items())))
+    if key not in _RESIDENT:
+        # the split count only sizes a vector of statistics: compile with the most a plan takes
+        kernel = _scores_kernel.warmup(*args, grid=(1,), N_SPLITS=32, SPLITS_P2=32, **meta,
+                                       launch_cooperative_grid=True)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        warps = meta["num_warps"]
+        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # allocated per warp, 256 at a time
+        per_sm = min(props.max_threads_per_multi_processor // (32 * warps), 32,
+                     props.regs_per_multiprocessor // (regs_per_warp * warps),
+                     props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024))
+        _RESIDENT[key] = per_sm * props.multi_processor_count
+    return _RESIDENT[key]
+
+
 @lru_cache(maxsize=None)
-def cooperative_launch_available(device: torch.device) -> bool:
+def cooperative_launch_available(device: torch.device | str) -> bool:
     """A GPU, compiled kernels (the interpreter runs programs one after another: a wait for the others
     would never end), and a Triton that knows the launch option."""
+    device = torch.device(device)
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     from triton.backends.nvidia.compiler import CUDAOptions
