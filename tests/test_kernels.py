@@ -1,6 +1,4 @@
 """Triton kernels against their torch references on awkward shapes (interpreter on the CPU, real on a GPU)."""
-import functools
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from dustin.attention import reference
 
 triton = pytest.importorskip("triton")
 from dustin.attention.decode import decode_attention, sparse_attention  # noqa: E402
-from dustin.attention.scoring import cooperative_launch_available, score_positions  # noqa: E402
+from dustin.attention.scoring import score_positions  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.bfloat16, torch.float16] if DEV == "cuda" else [torch.float32, torch.float16]
@@ -189,19 +187,14 @@ def test_sparse_over_every_entry_equals_dense():
     assert rel_err(sparse_attention(q, k, v, sl, idx).float(), dense.float()) < TOL[DTYPES[0]]
 
 
-ONE_LAUNCH = [False] + ([True] if cooperative_launch_available(torch.device(DEV)) else [])
-
-
 @pytest.mark.parametrize("kv_heads", [[0, 0, 1, 1], [1], [0, 1, 1, 0, 0], [2, 2, 2, 2]])
 @pytest.mark.parametrize("T", [1, 5])
-@pytest.mark.parametrize("one_launch", ONE_LAUNCH)
-def test_score_positions_matches_reference(kv_heads, T, one_launch):
+def test_score_positions_matches_reference(kv_heads, T):
     B, hkv, D, lens = 3, 3, 64, [150, 1, 63]
     dtype = DTYPES[0]
     q, k, _, sl = make(B, len(kv_heads), hkv, T, D, max(lens) + T + 9, lens, dtype)
-    for splits in (1, 3, 4) if one_launch else (1, 4):  # one launch takes any split count
-        score = functools.partial(score_positions, one_launch=one_launch)
-        out = score(q, k, sl, kv_heads, n_splits=splits, block_n=32)
+    for splits in (1, 4):
+        out = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32)
         expect = ref(reference.position_scores, q, k, sl, torch.tensor(kv_heads, device=DEV))
         assert out.shape == expect.shape == (B, T, k.shape[2])
         assert (out - expect).abs().max() < 1e-3 * len(kv_heads)
@@ -210,48 +203,19 @@ def test_score_positions_matches_reference(kv_heads, T, one_launch):
         # added into existing scores (a policy's second layer)
         base = torch.rand(B, T, k.shape[2], device=DEV)
         into = base.clone()
-        assert score(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32) is into
+        assert score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32) is into
         assert (into - base - expect).abs().max() < 1e-3 * len(kv_heads)
         # summed over the queries as well, alone and added in; the torch path agrees
         summed = expect.sum(1, keepdim=True)
-        got = score(q, k, sl, kv_heads, n_splits=splits, block_n=32, sum_queries=True)
+        got = score_positions(q, k, sl, kv_heads, n_splits=splits, block_n=32, sum_queries=True)
         assert got.shape == (B, 1, k.shape[2]) and (got - summed).abs().max() < 1e-3 * len(kv_heads) * T
         into = base[:, :1].clone()
-        score(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32, sum_queries=True)
+        score_positions(q, k, sl, kv_heads, out=into, n_splits=splits, block_n=32, sum_queries=True)
         assert (into - base[:, :1] - summed).abs().max() < 1e-3 * len(kv_heads) * T
     torch_path = attention.score(q, k, sl, torch.tensor(kv_heads, device=DEV), backend="torch", sum_queries=True)
     assert (torch_path - summed).abs().max() < 1e-3 * len(kv_heads) * T
     # the default plan: 128-key tiles at head dim 64, over a cache of two ragged tiles
-    assert (score(q, k, sl, kv_heads) - expect).abs().max() < 1e-3 * len(kv_heads)
-
-
-def test_score_positions_in_one_launch_replays_and_refuses_what_it_cannot_run():
-    """The one-launch scoring keeps agreeing with two launches across CUDA-graph replays (its wait's
-    counters are left zero each time), takes a whole wave, and is refused where it cannot run."""
-    from dustin import scratch
-
-    q, k, _, sl = make(2, 2, 2, 1, 32, 60, [40, 7], DTYPES[0])
-    if not cooperative_launch_available(torch.device(DEV)):
-        with pytest.raises(DustinError, match="one_launch needs a GPU"):
-            score_positions(q, k, sl, [0, 1], one_launch=True)
-        return
-    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
-    with pytest.raises(DustinError, match="programs resident here"):
-        score_positions(q, k, sl, [0, 1], n_splits=40 * sms, one_launch=True)
-    B, lens = 13, [4000 + 331 * i for i in range(13)]
-    q, k, _, sl = make(B, 4, 8, 4, 128, 8200, lens, torch.bfloat16, seed=2)
-    heads = [0, 3, 3, 7]
-    out = torch.zeros(B, 1, k.shape[2], device=DEV)
-    score_positions(q, k, sl, heads, out=out, sum_queries=True, one_launch=True)  # the counters exist
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        score_positions(q, k, sl, heads, out=out, sum_queries=True, one_launch=True, check=False)
-    out.zero_()
-    for _ in range(5):
-        graph.replay()
-    expect = score_positions(q, k, sl, heads, sum_queries=True, one_launch=False)
-    assert (out - 5 * expect).abs().max() < 5e-3 * len(heads) * 4
-    assert all(int(b.abs().sum()) == 0 for b in scratch.live("scoring barrier"))
+    assert (score_positions(q, k, sl, kv_heads) - expect).abs().max() < 1e-3 * len(kv_heads)
 
 
 def test_bad_input_is_refused():

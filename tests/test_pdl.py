@@ -34,9 +34,7 @@ def test_pdl_is_off_on_the_cpu_and_when_disabled(restore_pdl):
 
 @pytest.mark.parametrize("variant, key, value", [("dustin+draft-selected+no-pdl", "pdl", False),
                                                  ("dustin+draft-selected+sparse-tiles-64", "sparse_tiles", 64),
-                                                 ("dustin+draft-selected+late-gather", "early_gather", False),
-                                                 ("dustin+draft-selected+two-launch-scoring", "one_launch_scoring",
-                                                  False)])
+                                                 ("dustin+draft-selected+late-gather", "early_gather", False)])
 def test_launch_bench_variants_are_the_default_step_with_one_switch(variant, key, value):
     spec = dict(METHODS[variant])
     assert spec.pop(key) == value

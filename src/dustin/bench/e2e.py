@@ -49,8 +49,6 @@ METHODS = {
     "dustin+draft-selected+sparse-tiles-64": dict(method="dustin", draft_kv="selected", sparse_tiles=64),
     # ... and with every index-set tile gathered after the PDL wait (`decode.use_early_gather`)
     "dustin+draft-selected+late-gather": dict(method="dustin", draft_kv="selected", early_gather=False),
-    # ... and with scoring's logits and normalisation in two launches (`scoring.use_one_launch`)
-    "dustin+draft-selected+two-launch-scoring": dict(method="dustin", draft_kv="selected", one_launch_scoring=False),
 }
 SLACK = 64
 
@@ -136,7 +134,6 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
                  budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
                  profile: bool = False) -> dict:
     from ..attention.decode import use_early_gather, use_sparse_tiles  # triton: only when a GPU bench runs
-    from ..attention.scoring import use_one_launch
 
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
@@ -144,8 +141,7 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
         on = pdl.options(target.device)["PDL"]
-        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)), \
-                use_one_launch(spec.pop("one_launch_scoring", True)):
+        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)):
             out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                          draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..attention import reference
 from ..attention.decode import decode_attention, default_tile, plan_splits, sparse_attention
-from ..attention.scoring import cooperative_launch_available, score_positions
+from ..attention.scoring import score_positions
 from ..selection import split_kernels
 from ..selection.indices import budget_split
 from ..shapes import get_shape
@@ -125,12 +125,8 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
     out["score_rel_err"] = float((score_positions(q_s, k, lens, heads) -
                                   reference.position_scores(q_s, k, lens, torch.tensor(heads, device=device))).abs().max())
     score = {f"splits{n}-bn{bn}-w{w}-s{st}": (lambda n=n, bn=bn, w=w, st=st: score_positions(
-        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, one_launch=False, check=False))
+        q_s, k, lens, heads, n_splits=n, block_n=bn, num_warps=w, num_stages=st, check=False))
         for n in (None, 16, 32) for bn, w, st in ((64, 4, 4), (64, 4, 6), (128, 4, 3))}
-    if cooperative_launch_available(device):  # both halves in one launch, one wave of splits
-        score.update({f"one-launch-splits{n}": (lambda n=n: score_positions(
-            q_s, k, lens, heads, n_splits=n, one_launch=True, check=False)) for n in (None, 4, 6)})
-    score["two-launches"] = lambda: score_positions(q_s, k, lens, heads, one_launch=False, check=False)
     score["default"] = lambda: score_positions(q_s, k, lens, heads, check=False)  # score_positions' own plan
     out["score_best_config"], out["score_best_s"], out["score_variants_s"] = _best(score)
     out["score_config"] = "default"
