@@ -74,17 +74,8 @@ def options(device: torch.device) -> dict:
 if triton is not None:
 
     @triton.jit
-    def wait_for_inputs(PDL: tl.constexpr, RELEASE: tl.constexpr = True):
-        """Block until the previous kernel's writes are visible, then (with `RELEASE`) let the next kernel
-        be scheduled. A kernel that passes `RELEASE=False` calls `release_dependents` itself, later."""
+    def wait_for_inputs(PDL: tl.constexpr):
+        """Block until the previous kernel's writes are visible, then let the next kernel be scheduled."""
         if PDL:
             tl_cuda.gdc_wait()
-            if RELEASE:
-                tl_cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def release_dependents(PDL: tl.constexpr):
-        """Let the next kernel be scheduled: its programs then wait on this one's SMs, so a kernel of more
-        than one wave may hold this back until its last wave is under way."""
-        if PDL:
             tl_cuda.gdc_launch_dependents()

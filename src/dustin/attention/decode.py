@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import pdl, scratch
 from ..errors import DustinError
-from ..pdl import release_dependents, wait_for_inputs
+from ..pdl import wait_for_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -77,7 +77,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
                  FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr, ROPE: tl.constexpr,
-                 PRECISION: tl.constexpr, PDL: tl.constexpr, RELEASE_LATE: tl.constexpr = False):
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
@@ -98,7 +98,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
         ok0 = (idx0 >= 0) & (idx0 < L)
         k0 = tl.load(k_base + idx0[:, None] * s_ks + d[None, :], mask=ok0[:, None], other=0.0)
         v0 = tl.load(v_base + idx0[:, None] * s_vs + d[None, :], mask=ok0[:, None], other=0.0)
-    wait_for_inputs(PDL, not RELEASE_LATE)
+    wait_for_inputs(PDL)
     if not EARLY:
         L = tl.load(SeqLens + b)
     rows = tl.arange(0, BLOCK_M)
@@ -172,8 +172,6 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
             v = tl.load(v_base + pos[:, None] * s_vs + d[None, :], mask=col_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
-    if RELEASE_LATE:  # the next kernel's programs may take SMs only once this one's loops are done
-        release_dependents(PDL)
     if N_SPLITS == 1:
         out = acc / l_i[:, None]
         o_ptr = Out + b * s_ob + (head0 + rows // T)[:, None] * s_oh + t[:, None] * s_ot + d[None, :]
@@ -247,7 +245,6 @@ def semaphores(device: torch.device, n: int) -> torch.Tensor:
 
 _sparse_tile: int | None = None  # `use_sparse_tiles`
 _early_gather = True  # `use_early_gather`
-_late_release = False  # `use_late_release`
 
 
 @contextlib.contextmanager
@@ -274,13 +271,6 @@ def use_early_gather(flag: bool):
     (True, the default) or gathers it after the wait like every other tile: a benchmark compares the two
     side by side in whole steps."""
     return _overriding("_early_gather", bool(flag))
-
-
-def use_late_release(flag: bool):
-    """Within the block, index-set attention of more than one split lets the next kernel be scheduled
-    only after its loops (True) instead of right after its PDL wait (False, the default): a benchmark
-    compares the two side by side in whole steps."""
-    return _overriding("_late_release", bool(flag))
 
 
 def gathers_early(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bool:
@@ -390,7 +380,7 @@ def _check_rope(qkv, cos, sin, positions, n_heads, k_cache, v_cache, seq_lens, i
 
 
 def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_warps, num_stages, fuse_combine,
-            check, prefetch=True, head_splits=1, rope=None, early=False, release_late=None):
+            check, prefetch=True, head_splits=1, rope=None, early=False):
     """`rope`: None, or (cos, sin, positions, n_heads) when `q` is the fused q/k/v projection."""
     if head_splits < 1:
         raise DustinError(f"head_splits must be >= 1, got {head_splits}")
@@ -446,7 +436,6 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch,
         EARLY=gathers_early(D, block_n, sparse, early), ROPE=rope is not None,
         PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
-        RELEASE_LATE=sparse and n_splits > 1 and (_late_release if release_late is None else release_late),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:
         _combine_kernel[(units,)](part_o, part_lse, out, out.stride(0), out.stride(1), out.stride(2), Hkv,
@@ -471,8 +460,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      indices: torch.Tensor, *, n_splits: int | None = None, block_n: int | None = None,
                      num_warps: int = 4, num_stages: int = 3, fuse_combine: bool = True, prefetch: bool = True,
-                     head_splits: int = 1, early_gather: bool = False, release_late: bool | None = None,
-                     check: bool = True) -> torch.Tensor:
+                     head_splits: int = 1, early_gather: bool = False, check: bool = True) -> torch.Tensor:
     """Attention over `indices` (`[B, budget]` or `[B, Hkv, budget]`; entries outside `[0, seq_lens[b])`
     are skipped) plus the `T` new tokens. Shapes as `decode_attention`. `fuse_combine` merges the splits
     in the kernel's last program instead of a second launch (launches dominate this small read);
@@ -481,11 +469,10 @@ def sparse_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `early_gather` gathers the first tile before the PDL wait, where it fits in registers (`dustin.pdl`).
     It is only correct if the kernel launched just before writes neither `seq_lens`, nor `indices`, nor
     cache rows below the lengths; it pays when that kernel is one of ours under PDL (after cuBLAS
-    nothing overlaps). `release_late`: with more than one split, let the next kernel be scheduled only
-    after the loops (None: `use_late_release`)."""
+    nothing overlaps)."""
     return _launch(q, k_cache, v_cache, seq_lens, indices, n_splits=n_splits, block_n=block_n,
                    num_warps=num_warps, num_stages=num_stages, fuse_combine=fuse_combine, check=check,
-                   prefetch=prefetch, head_splits=head_splits, early=early_gather, release_late=release_late)
+                   prefetch=prefetch, head_splits=head_splits, early=early_gather)
 
 
 def sparse_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

@@ -49,9 +49,6 @@ METHODS = {
     "dustin+draft-selected+sparse-tiles-64": dict(method="dustin", draft_kv="selected", sparse_tiles=64),
     # ... and with every index-set tile gathered after the PDL wait (`decode.use_early_gather`)
     "dustin+draft-selected+late-gather": dict(method="dustin", draft_kv="selected", early_gather=False),
-    # ... and with index-set attention of several splits letting the next kernel in after its loops
-    # (`decode.use_late_release`)
-    "dustin+draft-selected+late-release": dict(method="dustin", draft_kv="selected", late_release=True),
 }
 SLACK = 64
 
@@ -136,7 +133,7 @@ def time_replays(fn, restore, *, replays: int, before=None) -> list[float]:
 def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: int, context: int, gamma: int,
                  budget: int, draft_budget: int, sel: SelectionConfig, dist: list[float], replays: int,
                  profile: bool = False) -> dict:
-    from ..attention.decode import use_early_gather, use_late_release, use_sparse_tiles  # triton: GPU benches only
+    from ..attention.decode import use_early_gather, use_sparse_tiles  # triton: only when a GPU bench runs
 
     spec = dict(METHODS[name])
     adaptive = spec.pop("adaptive", False)
@@ -144,8 +141,7 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
         on = pdl.options(target.device)["PDL"]
-        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)), \
-                use_late_release(spec.pop("late_release", False)):
+        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)):
             out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                          draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:

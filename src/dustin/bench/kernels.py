@@ -105,11 +105,6 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
         for n, bn, st, pf, hs in ((None, None, 3, True, 1), (1, 64, 3, True, 1), (2, 64, 3, True, 1),
                                   (4, 64, 3, True, 1), (8, 64, 3, True, 1), (2, 32, 4, True, 1), (1, 64, 5, False, 1),
                                   (1, 128, 3, True, 1), (1, 64, 3, True, 2))}
-    # several splits that let the next launch in only after their loops (`release_late`)
-    sparse.update({f"splits{n}-bn{bn}-s3-prefetch1-late": (
-        lambda n=n, bn=bn: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], n_splits=n, block_n=bn,
-                                            release_late=True, check=False))
-        for n, bn in ((2, 64), (4, 64), (2, 128))})
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
