@@ -284,7 +284,7 @@ def gathers_early(head_dim: int, block_n: int, sparse: bool, wanted: bool) -> bo
 def default_tile(head_dim: int, sparse: bool) -> int:
     """Keys per tile when a launch gives none. The whole cache: the H200 sweep found no gain in larger
     tiles. An index set at head dim 128 in 128-key tiles: fewer gathered rounds (72B shape, batch 16:
-    13.8 us against 15.0 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
+    14.0 us against 15.3 for 64-key tiles, benchmarks/gpu/kernels.json); 256 would not fit three stages
     of them in shared memory. Whole steps at the 7B and 8B shapes do not tell the two apart
     (benchmarks/gpu/e2e.json: 8.77 against 8.73 ms for Qwen2.5-7B, 10.55 against 10.54 for Llama-3.1-8B)."""
     if sparse:
@@ -305,8 +305,8 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
 
     Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4
     (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave: it is the
-    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 18-42% behind the best (Qwen2.5-7B
-    shape, 32k, batch 16: 5 splits, 320 programs, 337 us against 247 us for 4). Index sets are planned by
+    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 8-43% behind the best (Qwen2.5-7B
+    shape, 32k, batch 16: 5 splits, 320 programs, 325 us against 254 us for 4). Index sets are planned by
     `plan_sparse_splits`.
     """
     programs = batch * n_kv_heads
@@ -322,8 +322,8 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     (the sweeps in benchmarks/gpu/kernels.json and benchmarks/gpu/draft-kernels/kernels.json): with 32
     or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost more than
     the keys they save reading, and one program per SM, rounded down, is best (72B shape, batch 16:
-    one split of 64-key tiles, 15.0 us against 21.9 for two); a draft's one query per head has tiny
-    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.8 us against
+    one split of 64-key tiles, 15.3 us against 22.2 for two); a draft's one query per head has tiny
+    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.9 us against
     8.5 for two).
     """
     per_sm = 1 if block_m >= 32 else 2

@@ -165,9 +165,9 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     splits = n_splits or plan_splits(B, n_groups, S, q.device, per_sm=1, round_up=True)
     n_splits = triton.next_power_of_2(splits)
     # the full cache's tiles, about 16 KB of keys: measured on the H200 with one query at 32k, batch 16,
-    # 64 keys four stages deep at head dim 128 (Qwen2.5-72B shape, 43.1 us, benchmarks/gpu/kernels.json);
-    # 128 keys three deep at head dim 64 (Qwen2.5-0.5B shape, 28.8 us against 33.7 for 64 keys four deep
-    # at the same split count, benchmarks/gpu/draft-kernels; 32 splits of 64 keys took 27.9)
+    # 64 keys four stages deep at head dim 128 (Qwen2.5-72B shape, 44.1 us, benchmarks/gpu/kernels.json);
+    # 128 keys three deep at head dim 64 (Qwen2.5-0.5B shape, 28.9 us against 32.7 for 64 keys four deep
+    # at the same split count, benchmarks/gpu/draft-kernels; 32 splits of 64 keys took 28.3)
     block_n = block_n or default_tile(D, False)
     num_stages = num_stages or (4 if block_n <= 64 else 3)
     logits = torch.empty(B, H, T, S, device=q.device, dtype=torch.float16)
