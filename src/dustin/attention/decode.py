@@ -305,7 +305,7 @@ def plan_splits(batch: int, n_kv_heads: int, n_keys: int, device: torch.device, 
 
     Two programs of the full-cache kernel fit on an SM at once. Measured on an H200 at gamma 4
     (benchmarks/gpu/kernels.json), the split count rounded up spills a partial second wave: it is the
-    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 8-43% behind the best (Qwen2.5-7B
+    slowest of the sweep in 17 of its 18 shapes, contexts and batches, 8-42% behind the best (Qwen2.5-7B
     shape, 32k, batch 16: 5 splits, 320 programs, 325 us against 254 us for 4). Index sets are planned by
     `plan_sparse_splits`.
     """
@@ -323,8 +323,8 @@ def plan_sparse_splits(units: int, block_m: int, n_keys: int, block_n: int, devi
     or more rows (a verification step's GQA group x gamma + 1 queries) those partials cost more than
     the keys they save reading, and one program per SM, rounded down, is best (72B shape, batch 16:
     one split of 64-key tiles, 15.3 us against 22.2 for two); a draft's one query per head has tiny
-    partials and wants two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.9 us against
-    8.5 for two).
+    partials and takes two programs per SM (Qwen2.5-0.5B shape, batch 16: eight splits, 6.9 us; four,
+    one per SM, 6.8; two, 8.5).
     """
     per_sm = 1 if block_m >= 32 else 2
     return int(max(1, min(per_sm * _sm_count(device) // units, n_keys // block_n, 32)))
