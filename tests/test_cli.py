@@ -63,3 +63,72 @@ def test_bench_rescore_combines_step_times_with_measured_acceptance(tmp_path, ca
     again = json.loads((out / "e2e.json").read_text())
     assert (again["gpu_command"], again["gpu_git_revision"]) == ("dustin bench e2e", "abc")
     assert (out / "e2e.md").read_text().startswith("`dustin bench e2e` then `dustin bench e2e --rescore")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["info", "/tmp/[/x]"], "[/x]"),  # user text in a message is never read as markup
+    (["generate", "--device", "nosuch", "--prompt", "x"], "unknown --device 'nosuch'"),
+    (["generate", "--device", "meta", "--prompt", "x"], "runs on cpu or cuda"),
+    (["eval", "ppl", "--budgets", "0,0.5"], "fractions of the context in (0, 1]"),
+    (["eval", "ppl", "--budgets", "nan"], "fractions of the context in (0, 1]"),
+    (["tune", "--budget", "20", "--out", "x.json"], "leaves no entries to choose"),
+])
+def test_bad_arguments_are_refused_before_any_work(capsys, argv, match):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert match in " ".join(captured.out.split()) and "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("argv", [["generate", "--batch", "0"], ["generate", "--prompt-tokens", "-1"],
+                                  ["generate", "--temperature", "nan"], ["eval", "ppl", "--limit", "0"],
+                                  ["eval", "ppl", "--context", "0"], ["tune", "--heads", "0", "--out", "x"]])
+def test_out_of_range_numbers_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_outputs_are_checked_before_the_work_that_fills_them(tmp_path, capsys):
+    """A folder where a file should go, a missing folder, or a file where a folder should go: refused at
+    once, not after a generation or an evaluation."""
+    cases = [(["generate", "--prompt", "x", "--stats-json", str(tmp_path)], "is a directory"),
+             (["generate", "--prompt", "x", "--stats-json", str(tmp_path / "no" / "s.json")], "does not exist"),
+             (["profile-heads", "--model", "random:qwen2.5-0.5b", "--out", str(tmp_path)], "is a directory"),
+             (["tune", "--out", str(tmp_path)], "is a directory")]
+    (tmp_path / "file").write_text("")
+    cases.append((["eval", "ppl", "--out-dir", str(tmp_path / "file")], "is a file; give a folder"))
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        assert " ".join(match.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_unexpected_errors_are_one_line_unless_asked(monkeypatch, capsys):
+    from dustin import cli
+
+    def boom(args):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)  # main builds its parser afresh: it dispatches to boom
+    assert main(["models"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "unexpected RuntimeError: disk on fire" in out and "DUSTIN_TRACEBACK=1" in out
+    monkeypatch.setenv("DUSTIN_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["models"])
+
+
+@pytest.mark.parametrize("e2e,acceptance,match", [
+    ({"results": []}, None, "not a `dustin bench e2e` result"),
+    ({"command": "x"}, None, "not a `dustin bench e2e` result"),
+    (None, [1, 2], "not a `dustin eval acceptance` result"),
+    (None, {"settings": {"context": 0}, "runs": {"dustin@32": {}}}, "not a `dustin eval acceptance` result"),
+    (None, {"settings": {"context": 2048}, "runs": {"dustin@abc": {}}}, "not a `dustin eval acceptance` result"),
+])
+def test_rescore_refuses_files_of_the_wrong_kind(tmp_path, capsys, e2e, acceptance, match):
+    good_e2e = {"command": "c", "git_revision": "r", "results": [{"budget": 512, "context": 32768}]}
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e if e2e is not None else good_e2e))
+    (tmp_path / "acc.json").write_text(json.dumps(acceptance if acceptance is not None else
+                                                  {"settings": {"context": 2048}, "runs": {"dustin@32": {}}}))
+    assert main(["bench", "e2e", "--rescore", str(tmp_path / "e2e.json"), "--acceptance-json",
+                 str(tmp_path / "acc.json"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert " ".join(match.split()) in " ".join(capsys.readouterr().out.split())

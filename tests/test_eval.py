@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import perturbed_copy, tiny_model
+from dustin import DustinError
 from dustin.eval import haystack, tasks
 from dustin.eval.runner import EvalConfig, make_context, run_task
 
@@ -86,3 +87,16 @@ def test_cut_off_store_line_is_rerun(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"id": "a", "runs": {}}) + "\n" + '{"id": "b", "ru')
     assert set(Store(path).records) == {"a"}
+
+
+def test_a_store_of_other_settings_is_refused_before_any_sample_runs(tmp_path):
+    """Adding samples to a file made with other settings would leave it resumable under neither."""
+    target = tiny_model(seed=0, vocab_size=256)
+    draft = perturbed_copy(target, 0.3)
+    models = (target, draft, ByteTokenizer(), _tuned(target, draft))
+    cfg = dict(budgets=(0.12,), policies=("full",), gamma=3, continuation=12, dtype="float32")
+    run_task(make_context(EvalConfig(task="ppl", limit=1, context=400, **cfg), models=models), tmp_path)
+    before = (tmp_path / "lockstep.jsonl").read_text()
+    with pytest.raises(DustinError, match="holds samples made with other settings"):
+        run_task(make_context(EvalConfig(task="ppl", limit=2, context=300, **cfg), models=models), tmp_path)
+    assert (tmp_path / "lockstep.jsonl").read_text() == before

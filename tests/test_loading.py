@@ -185,3 +185,51 @@ def test_unwritable_cache_folder(fake_chunks, tmp_path, monkeypatch):
     monkeypatch.setenv("DUSTIN_CACHE", str(blocker / "cache"))
     with pytest.raises(DustinError, match="not writable.*DUSTIN_CACHE"):
         load_model("default:draft")
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda cfg: [1, 2], "not a model config dustin can read"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "num_attention_heads"}, "no 'num_attention_heads'"),
+    (lambda cfg: {**cfg, "num_attention_heads": 0}, "not a model config|must be positive"),
+    (lambda cfg: {**cfg, "vocab_size": "128"}, "not a model config dustin can read"),
+    (lambda cfg: {**cfg, "rope_scaling": "yes"}, "not a model config dustin can read"),
+])
+def test_malformed_configs_are_named(tmp_path, edit, match):
+    """A hand-edited or foreign config.json gets a message naming the file, not a traceback."""
+    import json
+
+    path, _ = save_tiny_hf(tmp_path, "qwen2")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(DustinError, match=match):
+        load_args(str(path))
+
+
+def test_checkpoint_tensors_of_the_wrong_shape_are_named(tmp_path):
+    import json
+
+    path, _ = save_tiny_hf(tmp_path, "qwen2")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vocab_size"] += 8  # the embedding on disk no longer fits
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DustinError, match="do not match its config: embed_tokens.weight"):
+        load_model(str(path))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
+    with pytest.raises(DustinError, match="not a valid safetensors index"):
+        load_model(str(path))
+
+
+def test_gguf_without_required_metadata_is_named(tmp_path):
+    import gguf
+
+    path = tmp_path / "bare.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(8, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(DustinError, match="lacks what dustin needs: llama.attention.head_count, "
+                                          "llama.embedding_length, llama.feed_forward_length, the token_embd"):
+        load_args(str(path))

@@ -213,6 +213,37 @@ def test_profiles_and_tuned_configs_round_trip_and_refuse_other_models(tmp_path)
         TunedConfig.load(tmp_path / "bad.json")
 
 
+def test_hand_edited_profiles_and_tuned_configs_are_refused_with_the_reason(tmp_path):
+    import dataclasses
+    import json
+
+    from dustin.selection.heads import HeadProfile, fingerprint
+    from dustin.selection.tuning import TunedConfig
+
+    target, draft = _pair()
+    with pytest.raises(DustinError, match="cannot read the tuned config"):
+        TunedConfig.load(tmp_path)  # a folder
+    sel = SelectionConfig(policy="dustin", budget=64, m=22, **HEADS).to_dict()
+    good = dataclasses.asdict(TunedConfig(fingerprint(target), fingerprint(draft), sel, 0.5, {}))
+    for edit, match in [({"selection": None}, "its selection must be a mapping"),
+                        ({"selection": {**sel, "budget": "64"}}, "selection is malformed"),
+                        ({"selection": {**sel, "target_heads": {"abc": [0]}}}, "selection is malformed"),
+                        ({"selection": {**sel, "draft_heads": {"0": [0, 99]}}},
+                         r"scores draft layer 0, heads \[0, 99\]"),
+                        ({"selection": {**sel, "target_heads": {"13": [0]}}}, "scores target layer 13")]:
+        (tmp_path / "t.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(DustinError, match=match):
+            TunedConfig.load(tmp_path / "t.json").selection_config(target, draft)
+    prof = dataclasses.asdict(HeadProfile(model=fingerprint(target), scores=torch.rand(2, 4).tolist(), samples=3,
+                                          successful=2, seconds=1.5))
+    for edit, match in [({"scores": [[0.1, 0.2], [0.3]]}, "not a layers x heads table"),
+                        ({"scores": []}, "layers x heads table"), ({"model": []}, "needs a model fingerprint"),
+                        ({"scores": [[0.5]]}, "scores 1 x 1 heads, but the model has 2 layers of 4")]:
+        (tmp_path / "p.json").write_text(json.dumps({**prof, **edit}))
+        with pytest.raises(DustinError, match=match):
+            HeadProfile.load(tmp_path / "p.json", target)
+
+
 def test_trace_recorder_and_search_pick_layers_and_m():
     pytest.importorskip("optuna")  # the tests extra installs it; a bare GPU box may lack it
     from dustin.selection.tuning import TraceRecorder, search

@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from .cliargs import at_least, finite, output_dir, output_file, parse_device
 from .config import FEW_ROW_WEIGHTS, LINEAR_BACKENDS
 from .errors import DustinError
 
@@ -65,8 +69,6 @@ def cmd_models(args) -> None:
 
 
 def _read_prompts(args, tokenizer) -> list[list[int]]:
-    from pathlib import Path
-
     texts = list(args.prompt or [])
     for f in args.prompt_file or []:
         try:
@@ -78,6 +80,8 @@ def _read_prompts(args, tokenizer) -> list[list[int]]:
     prompts = []
     for text in texts:
         if args.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise DustinError(f"--chat, but the tokenizer of {args.target} has no chat template; drop --chat")
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 tokenize=True)
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -134,6 +138,8 @@ def cmd_generate(args) -> None:
     from .loading import load_model, load_tokenizer
     from .speculative import Generator
 
+    output_file(args.stats_json, "--stats-json")
+    device = parse_device(args.device)
     err = Console(stderr=True)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     cfg = SpecConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, top_p=args.top_p,
@@ -142,16 +148,19 @@ def cmd_generate(args) -> None:
     cfg.validate()
     with err.status("loading models ..."):
         tokenizer = load_tokenizer(args.target)
-        target = load_model(args.target, device=args.device, dtype=dtype)
+        target = load_model(args.target, device=device, dtype=dtype)
         draft = None
         if args.method != "ar":
-            draft = load_model(args.draft, device=args.device, dtype=dtype)
+            draft = load_model(args.draft, device=device, dtype=dtype)
+    prompts = _read_prompts(args, tokenizer)
+    if args.budget is not None:
+        # a budget past everything a sequence can hold reads the whole cache, as the longest one does
+        args.budget = min(args.budget, max(64, max(map(len, prompts)) + args.max_new_tokens + args.gamma + 1))
     policy = None
     if args.method == "dustin":
         from .selection import make_policy
 
         policy = make_policy(_selection(args, target, draft))
-    prompts = _read_prompts(args, tokenizer)
     err.print(f"{len(prompts)} prompt(s) of {', '.join(str(len(p)) for p in prompts[:4])}"
               f"{'...' if len(prompts) > 4 else ''} tokens; method {args.method}, gamma {args.gamma}")
     gen = Generator(target, draft, cfg, tokenizer=tokenizer, policy=policy)
@@ -199,9 +208,11 @@ def cmd_profile_heads(args) -> None:
     from .loading import load_model, load_tokenizer
     from .selection.heads import profile_heads
 
+    output_file(args.out, "--out")
+    device = parse_device(args.device)
     texts = load_texts(args.data)
     with console.status(f"loading {args.model} ..."):
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=device)
         tokenizer = load_tokenizer(args.model)
 
     def progress(done, total, ok, answer):
@@ -258,6 +269,11 @@ def cmd_tune(args) -> None:
     from .selection.tuning import TraceRecorder, make_tuned, search
     from .speculative import Generator
 
+    output_file(args.out, "--out")
+    device = parse_device(args.device)
+    if args.budget <= args.n_sink + args.n_recent:
+        raise DustinError(f"--budget {args.budget} leaves no entries to choose after {args.n_sink} sinks and "
+                          f"{args.n_recent} recent tokens; raise it or lower --n-sink / --n-recent")
     t_prof = args.target_profile or _packaged("profile", args.target)
     d_prof = args.draft_profile or _packaged("profile", args.draft)
     if not t_prof or not d_prof:
@@ -265,7 +281,7 @@ def cmd_tune(args) -> None:
                           "pass --target-profile and --draft-profile")
     texts = load_texts(args.data)
     with console.status("loading models ..."):
-        target, draft = load_model(args.target, device=args.device), load_model(args.draft, device=args.device)
+        target, draft = load_model(args.target, device=device), load_model(args.draft, device=device)
         tokenizer = load_tokenizer(args.target)
     t_heads = HeadProfile.load(t_prof, target).top_heads(args.heads)
     d_heads = HeadProfile.load(d_prof, draft).top_heads(args.heads)
@@ -301,18 +317,17 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args) -> None:
-    from pathlib import Path
 
     import torch
 
     from .bench import common
 
-    out = Path(args.out_dir)
     command = "dustin " + " ".join(_ARGV)
     if args.rescore:
-        return _rescore(args, out, command)
+        return _rescore(args, output_dir(args.out_dir, "--out-dir"), command)
     if not torch.cuda.is_available():
         raise DustinError("the speed benchmarks time CUDA graphs and need an NVIDIA GPU")
+    out = output_dir(args.out_dir, "--out-dir")
     info = common.device_info(torch.device("cuda"))
     if args.what == "kernels":
         from .bench import kernels as bench
@@ -345,7 +360,6 @@ def cmd_bench(args) -> None:
 def _rescore(args, out, command) -> None:
     """Recompute e2e throughput from recorded GPU step times with acceptance measured on the real pair."""
     import json
-    from pathlib import Path
 
     from .bench import common
     from .bench import e2e as bench
@@ -356,10 +370,16 @@ def _rescore(args, out, command) -> None:
         record = json.loads(Path(args.rescore).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DustinError(f"cannot read {args.rescore} ({e})") from None
-    budget = record["results"][0]["budget"]
-    record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=budget / max(
-        r["context"] for r in record["results"]))
-    bench.add_throughput(record, record["accept_measured"])
+    try:
+        budget = record["results"][0]["budget"]
+        fraction = budget / max(r["context"] for r in record["results"])
+    except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+        raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
+    record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=fraction)
+    try:
+        bench.add_throughput(record, record["accept_measured"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
     record["rescored"] = {"from": args.rescore, "command": command,
                           "note": "step times from the GPU run above; tokens per step measured on the CPU"}
     command_then, revision_then = record.pop("command"), record.pop("git_revision")
@@ -377,7 +397,6 @@ _ARGV: list[str] = []
 
 def cmd_eval(args) -> None:
     import json
-    from pathlib import Path
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -393,7 +412,10 @@ def cmd_eval(args) -> None:
         budgets = tuple(float(x) for x in args.budgets.split(","))
     except ValueError:
         raise DustinError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from None
-    out = Path(args.out_dir)
+    if not all(0 < b <= 1 for b in budgets):  # NaN fails too
+        raise DustinError(f"--budgets are fractions of the context in (0, 1], got {args.budgets!r}")
+    device = parse_device(args.device)
+    out = output_dir(args.out_dir, "--out-dir")
     results = {}
     models = None
     for task in tasks:
@@ -403,7 +425,7 @@ def cmd_eval(args) -> None:
                          selection_config=args.selection_config, guard=args.guard, draft_weights=args.draft_weights)
         if models is None:
             with console.status("loading models ..."):
-                ctx = make_context(cfg, device=args.device)
+                ctx = make_context(cfg, device=device)
             models = (ctx.target, ctx.draft, ctx.tokenizer, ctx.tuned)
         else:
             ctx = make_context(cfg, models=models)
@@ -454,14 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     _pair_args(s)
     s.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     s.add_argument("--prompt-file", action="append", help="file whose text is a prompt (repeatable)")
-    s.add_argument("--prompt-tokens", type=int, default=0, help="keep only the first N tokens of each prompt")
-    s.add_argument("--batch", type=int, default=1, help="repeat the prompts to fill a batch of this size")
+    s.add_argument("--prompt-tokens", type=at_least(0), default=0, help="keep only the first N tokens of each prompt")
+    s.add_argument("--batch", type=at_least(1), default=1, help="repeat the prompts to fill a batch of this size")
     s.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     s.add_argument("--method", default="sd", choices=["ar", "sd", "magicdec", "dustin"])
     s.add_argument("--gamma", type=int, default=4, help="draft tokens per step")
     s.add_argument("--max-new-tokens", type=int, default=128)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--temperature", type=finite, default=0.0, help="0 is greedy")
+    s.add_argument("--top-p", type=finite, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--draft-budget", type=int, default=512, help="magicdec: KV entries the draft reads")
     s.add_argument("--draft-linear", default="auto", choices=list(LINEAR_BACKENDS),
@@ -477,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "oracle, streaming, snapkv, quest, full)")
     s.add_argument("--budget", type=int, help="dustin: KV entries verification reads (default: the tuned budget)")
     s.add_argument("--adaptive", action="store_true", help="dustin: adapt the split m per sequence")
-    s.add_argument("--guard", type=float, help="dustin: re-verify in full below this estimated recovery")
+    s.add_argument("--guard", type=finite, help="dustin: re-verify in full below this estimated recovery")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     s.add_argument("--stats-json", help="write the configuration and statistics to this JSON file")
@@ -486,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("profile-heads", help="find retrieval heads (CompressKV procedure) and write a JSON profile")
     s.add_argument("--model", required=True, help="model source")
     _run_args(s, data_help="text file or folder of .txt files for haystacks (default: the books)")
-    s.add_argument("--samples", type=int, default=8, help="needle prompts")
-    s.add_argument("--context", type=int, default=2048, help="tokens per prompt")
+    s.add_argument("--samples", type=at_least(1), default=8, help="needle prompts")
+    s.add_argument("--context", type=at_least(1), default=2048, help="tokens per prompt")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_profile_heads)
 
@@ -496,15 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(s, data_help="text file or folder for the trace prompts (default: the books)")
     s.add_argument("--target-profile", help="head profile JSON of the target (default: the shipped one)")
     s.add_argument("--draft-profile", help="head profile JSON of the draft (default: the shipped one)")
-    s.add_argument("--heads", type=int, default=4, help="retrieval heads per layer")
-    s.add_argument("--prompts", type=int, default=6)
-    s.add_argument("--context", type=int, default=2048, help="tokens per trace prompt")
-    s.add_argument("--new-tokens", type=int, default=48, help="tokens generated per trace prompt")
+    s.add_argument("--heads", type=at_least(1), default=4, help="retrieval heads per layer")
+    s.add_argument("--prompts", type=at_least(1), default=6)
+    s.add_argument("--context", type=at_least(1), default=2048, help="tokens per trace prompt")
+    s.add_argument("--new-tokens", type=at_least(1), default=48, help="tokens generated per trace prompt")
     s.add_argument("--gamma", type=int, default=4)
     s.add_argument("--budget", type=int, default=64, help="budget the split is tuned at")
-    s.add_argument("--n-sink", type=int, default=4)
-    s.add_argument("--n-recent", type=int, default=16)
-    s.add_argument("--trials", type=int, default=40, help="Optuna trials for m")
+    s.add_argument("--n-sink", type=at_least(0), default=4)
+    s.add_argument("--n-recent", type=at_least(0), default=16)
+    s.add_argument("--trials", type=at_least(1), default=40, help="Optuna trials for m")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_tune)
 
@@ -513,15 +535,15 @@ def build_parser() -> argparse.ArgumentParser:
     _pair_args(s)
     _run_args(s, data_help="text file or folder of .txt files (default: the books)")
     s.add_argument("--selection-config", help="tuned config JSON (default: the shipped one for the default pair)")
-    s.add_argument("--context", type=int, default=2048, help="tokens of context per sample")
+    s.add_argument("--context", type=at_least(1), default=2048, help="tokens of context per sample")
     s.add_argument("--budgets", default="0.016,0.03,0.06", help="budgets as fractions of the context")
     s.add_argument("--policies", default="full,dustin,dustin-adaptive,dustin-guard,history,lookahead,oracle,"
                    "streaming,snapkv,quest")
-    s.add_argument("--limit", type=int, default=4, help="samples")
+    s.add_argument("--limit", type=at_least(1), default=4, help="samples")
     s.add_argument("--gamma", type=int, default=4)
-    s.add_argument("--new-tokens", type=int, default=48, help="agreement: tokens generated per method")
-    s.add_argument("--continuation", type=int, default=160, help="ppl: tokens scored after the context")
-    s.add_argument("--guard", type=float, default=0.6, help="recovery threshold of the dustin-guard policy")
+    s.add_argument("--new-tokens", type=at_least(1), default=48, help="agreement: tokens generated per method")
+    s.add_argument("--continuation", type=at_least(1), default=160, help="ppl: tokens scored after the context")
+    s.add_argument("--guard", type=finite, default=0.6, help="recovery threshold of the dustin-guard policy")
     s.add_argument("--draft-weights", default="native", choices=list(FEW_ROW_WEIGHTS),
                    help="agreement, acceptance: what the draft's few-row passes read (see generate)")
     s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -540,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma", type=int, default=4)
     s.add_argument("--budget", type=int, default=512)
     s.add_argument("--draft-budget", type=int, default=512, help="e2e: magicdec's draft KV entries")
-    s.add_argument("--replays", type=int, default=20, help="e2e: timed steps per method")
+    s.add_argument("--replays", type=at_least(1), default=20, help="e2e: timed steps per method")
     s.add_argument("--no-sdpa", action="store_true", help="kernels: skip the slow SDPA baseline")
     s.add_argument("--profile", action="store_true", help="e2e: record the kernels each step spends its time in")
     s.add_argument("--acceptance-json", help="e2e: `dustin eval acceptance` result, for throughput at measured "
@@ -558,12 +580,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DustinError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(str(e))
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    except OSError as e:  # what no check foresaw: a full disk, a file removed meanwhile, permissions
+        _error(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        return 2
+    except Exception as e:
+        if os.environ.get("DUSTIN_TRACEBACK") == "1":
+            raise
+        _error(f"unexpected {type(e).__name__}: {e}. This input is not checked yet, or dustin has a bug: rerun "
+               "with DUSTIN_TRACEBACK=1 for the traceback, and please report it")
+        return 1
     return 0
+
+
+def _error(message: str) -> None:
+    # the message may quote user input: never read it as markup
+    console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
 
 
 if __name__ == "__main__":

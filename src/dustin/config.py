@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,18 @@ class ModelArgs:
             raise DustinError(f"missing config file {path}; a checkpoint directory needs its config.json") from None
         except json.JSONDecodeError as e:
             raise DustinError(f"{path} is not valid JSON ({e}); the file may be truncated") from None
-        return cls.from_hf_config(cfg)
+        try:
+            args = cls.from_hf_config(cfg)
+            args.n_params()  # every size must be a number
+        except DustinError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
+            what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise DustinError(f"{path} is not a model config dustin can read ({what}); it needs a Hugging Face "
+                              "config.json of a Llama, Qwen2 or Mistral model") from None
+        if min(args.n_layers, args.n_heads, args.n_kv_heads, args.dim, args.vocab_size, args.intermediate_size) < 1:
+            raise DustinError(f"{path}: layer, head, hidden, intermediate and vocabulary sizes must be positive")
+        return args
 
     def to_hf_config(self) -> dict[str, Any]:
         """A transformers-4-style `config.json` dict, readable by transformers 4 and 5 and by `from_hf_config`."""
@@ -235,8 +247,8 @@ class SpecConfig:
             raise DustinError(f"unknown method {self.method!r}; choose one of {', '.join(SPEC_METHODS)}")
         if self.gamma < 1:
             raise DustinError(f"gamma must be >= 1 (draft tokens per step), got {self.gamma}")
-        if self.temperature < 0:
-            raise DustinError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # NaN fails the first test
+            raise DustinError(f"temperature must be a finite number >= 0 (0 means greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise DustinError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:

@@ -81,7 +81,11 @@ def load_tokenizer(source: str):
     path = Path(source)
     if path.suffix == ".gguf":
         _gguf_reader(path)
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError) as e:
+            raise DustinError(f"no usable tokenizer in {path} ({e}); use a GGUF file that carries its tokenizer, "
+                              "or the model's Hugging Face directory") from None
     directory = _checkpoint_dir(path)
     try:
         return AutoTokenizer.from_pretrained(str(directory))
@@ -153,6 +157,11 @@ def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.dev
         raise DustinError(f"checkpoint does not match a {args.architecture} with this config: missing "
                           f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                           f"{'...' if len(unexpected) > 5 else ''}")
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(ref.shape)})" for k, ref in model.state_dict().items()
+             if k in state and state[k].shape != ref.shape]
+    if wrong:
+        raise DustinError(f"checkpoint tensors do not match its config: {', '.join(wrong[:3])}"
+                          f"{'...' if len(wrong) > 3 else ''}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=False)
     if args.tie_word_embeddings:
@@ -169,7 +178,7 @@ def _load_safetensors_dir(directory: Path, device: torch.device, dtype: torch.dt
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise DustinError(f"{index} is not a valid safetensors index ({e}); the file may be truncated") from None
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -217,14 +226,19 @@ def gguf_args(reader) -> ModelArgs:
     if "rope_freqs.weight" in names:
         raise DustinError("this GGUF stores Llama-3 RoPE scaling as a rope_freqs tensor, which dustin does not "
                           "read; load the Hugging Face checkpoint directory instead")
-    n_heads = _field(reader, f"{arch}.attention.head_count")
-    dim = _field(reader, f"{arch}.embedding_length")
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    sizes = {key: _field(reader, f"{arch}.{key}") for key in
+             ("attention.head_count", "embedding_length", "block_count", "feed_forward_length")}
+    bad = [k for k, v in sizes.items() if not isinstance(v, (int, np.integer)) or v < 1]
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if bad or embd is None:
+        lacks = [f"{arch}.{k}" for k in bad] + (["the token_embd.weight tensor"] if embd is None else [])
+        raise DustinError(f"this GGUF file lacks what dustin needs: {', '.join(lacks)}")
+    n_heads, dim = int(sizes["attention.head_count"]), int(sizes["embedding_length"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return ModelArgs(
-        vocab_size=int(embd.shape[1]), dim=dim, n_layers=_field(reader, f"{arch}.block_count"),
+        vocab_size=int(embd.shape[1]), dim=dim, n_layers=int(sizes["block_count"]),
         n_heads=n_heads, n_kv_heads=_field(reader, f"{arch}.attention.head_count_kv", n_heads),
-        intermediate_size=_field(reader, f"{arch}.feed_forward_length"),
+        intermediate_size=int(sizes["feed_forward_length"]),
         head_dim=_field(reader, f"{arch}.attention.key_length", dim // n_heads),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),

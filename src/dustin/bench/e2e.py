@@ -332,16 +332,16 @@ def load_measured(path, *, budget_fraction: float) -> dict:
 
     try:
         data = json.loads(open(path).read())
-        runs, context = data["runs"], data["settings"]["context"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise DustinError(f"{path} is not a `dustin eval acceptance` result ({e})") from None
-    budgets = sorted({int(k.split("@")[1]) for k in runs if "@" in k})
-    if not budgets:
-        raise DustinError(f"{path} has no dustin runs at a budget")
-    b = min(budgets, key=lambda x: abs(x / context - budget_fraction))
-    names = {"sd": "full", "magicdec": "magicdec", "dustin": f"dustin@{b}",
-             "dustin+draft-selected": f"dustin+draft-selected@{b}"}
-    out = {m: runs[k]["mean_tokens_per_step"] for m, k in names.items() if k in runs}
+        runs, context = data["runs"], int(data["settings"]["context"])
+        budgets = sorted({int(k.split("@")[1]) for k in runs if "@" in k})
+        if not budgets or context < 1:
+            raise ValueError("no dustin runs at a budget" if context >= 1 else "no context")
+        b = min(budgets, key=lambda x: abs(x / context - budget_fraction))
+        names = {"sd": "full", "magicdec": "magicdec", "dustin": f"dustin@{b}",
+                 "dustin+draft-selected": f"dustin+draft-selected@{b}"}
+        out = {m: float(runs[k]["mean_tokens_per_step"]) for m, k in names.items() if k in runs}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise DustinError(f"{path} is not a `dustin eval acceptance` result ({type(e).__name__}: {e})") from None
     out["_source"] = f"{path}: budget {b} of {context} tokens"
     return out
 

@@ -261,6 +261,11 @@ def run_task(ctx: Context, out_dir: Path, *, progress=None) -> dict:
     cfg = ctx.cfg
     runner = RUNNERS[cfg.task]
     store = Store(out_dir / f"{runner}.jsonl")
+    # before any work: a sample added to a file of other settings would make it resumable under none
+    mismatched = [i for i, r in store.records.items() if r.get("settings") != ctx.settings]
+    if mismatched:
+        raise DustinError(f"{store.path} holds samples made with other settings ({mismatched[:3]}); use another "
+                          "--out-dir, or the settings they were made with")
     samples = build_samples(ctx)
     todo = [s for s in samples if s.id not in store.records]
     for s in todo:
@@ -274,12 +279,7 @@ def run_task(ctx: Context, out_dir: Path, *, progress=None) -> dict:
         store.add(rec)
         if progress is not None:
             progress(s.id, time.perf_counter() - start)
-    records = [store.records[s.id] for s in samples if s.id in store.records]
-    mismatched = [r["id"] for r in records if r.get("settings") != ctx.settings]
-    if mismatched:
-        raise DustinError(f"{store.path} holds samples made with other settings ({mismatched[:3]}); use another "
-                          "--out-dir or delete the file")
-    return aggregate(cfg.task, records)
+    return aggregate(cfg.task, [store.records[s.id] for s in samples if s.id in store.records])
 
 
 def aggregate(task: str, records: list[dict]) -> dict:

@@ -66,10 +66,22 @@ class HeadProfile:
             prof = cls(**d)
         except FileNotFoundError:
             raise DustinError(f"no head profile at {path}; make one with `dustin profile-heads`") from None
+        except OSError as e:
+            raise DustinError(f"cannot read the head profile {path} ({e.strerror})") from None
         except (json.JSONDecodeError, TypeError) as e:
             raise DustinError(f"{path} is not a head profile ({e})") from None
+        try:
+            shape = torch.tensor(prof.scores, dtype=torch.float32).shape
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise DustinError(f"{path} is not a head profile: its scores are not a layers x heads table ({e})") from None
+        if not isinstance(prof.model, dict) or len(shape) != 2 or 0 in shape:
+            raise DustinError(f"{path} is not a head profile: it needs a model fingerprint and a layers x heads table "
+                              "of scores")
         if model is not None:
             check_fingerprint(prof.model, model, "head profile")
+            if tuple(shape) != (model.args.n_layers, model.args.n_heads):
+                raise DustinError(f"{path} scores {shape[0]} x {shape[1]} heads, but the model has "
+                                  f"{model.args.n_layers} layers of {model.args.n_heads}; profile this model")
         return prof
 
 

@@ -174,11 +174,17 @@ class TunedConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TunedConfig":
         try:
-            return cls(**json.loads(Path(path).read_text()))
+            tuned = cls(**json.loads(Path(path).read_text()))
         except FileNotFoundError:
             raise DustinError(f"no tuned config at {path}; make one with `dustin tune`") from None
+        except OSError as e:
+            raise DustinError(f"cannot read the tuned config {path} ({e.strerror})") from None
         except (json.JSONDecodeError, TypeError) as e:
             raise DustinError(f"{path} is not a tuned dustin config ({e})") from None
+        if not isinstance(tuned.selection, dict) or not isinstance(tuned.m_fraction, (int, float)):
+            raise DustinError(f"{path} is not a tuned dustin config (its selection must be a mapping and its "
+                              "m_fraction a number)")
+        return tuned
 
     def selection_config(self, target=None, draft=None, *, budget: int | None = None, **overrides) -> SelectionConfig:
         """The tuned selection, checked against the loaded models, at `budget` (m rescaled) if given."""
@@ -186,12 +192,28 @@ class TunedConfig:
             check_fingerprint(self.target, target, "tuned config's target")
         if draft is not None:
             check_fingerprint(self.draft, draft, "tuned config's draft")
-        cfg = SelectionConfig.from_dict({**self.selection, **overrides})
-        if budget is not None:
-            cfg.budget = budget
-            cfg.m = round(self.m_fraction * (budget - cfg.fixed))
-        cfg.validate()
+        try:
+            cfg = SelectionConfig.from_dict({**self.selection, **overrides})
+            if budget is not None:
+                cfg.budget = budget
+                cfg.m = round(self.m_fraction * (budget - cfg.fixed))
+            cfg.validate()
+        except (TypeError, ValueError, AttributeError) as e:  # a hand-edited file: values of the wrong kind
+            raise DustinError(f"the tuned config's selection is malformed ({e}); make a new one with "
+                              "`dustin tune`") from None
+        for heads, model, role in ((cfg.target_heads, target, "target"), (cfg.draft_heads, draft, "draft")):
+            if model is not None:
+                _check_heads(heads, model, role)
         return cfg
+
+
+def _check_heads(heads: dict[int, list[int]], model, role: str) -> None:
+    """Every (layer, head) the selection scores exists in `model`."""
+    args = model.args
+    for layer, hs in heads.items():
+        if not 0 <= layer < args.n_layers or not all(0 <= h < args.n_heads for h in hs):
+            raise DustinError(f"the tuned config scores {role} layer {layer}, heads {hs}, but the {role} has "
+                              f"{args.n_layers} layers of {args.n_heads} heads; tune for this model")
 
 
 def make_tuned(target, draft, target_heads, draft_heads, result: dict, *, budget: int, n_sink: int,
