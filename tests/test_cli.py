@@ -132,3 +132,9 @@ def test_rescore_refuses_files_of_the_wrong_kind(tmp_path, capsys, e2e, acceptan
     assert main(["bench", "e2e", "--rescore", str(tmp_path / "e2e.json"), "--acceptance-json",
                  str(tmp_path / "acc.json"), "--out-dir", str(tmp_path / "out")]) == 2
     assert " ".join(match.split()) in " ".join(capsys.readouterr().out.split())
+
+
+def test_flags_a_method_does_not_use_are_named(capsys):
+    main(["generate", "--method", "sd", "--policy", "history", "--budget", "64", "--target", "random:qwen2.5-0.5b",
+          "--prompt", "x"])
+    assert "--policy, --budget take(s) no part in --method sd" in " ".join(capsys.readouterr().err.split())

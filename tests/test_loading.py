@@ -193,6 +193,8 @@ def test_unwritable_cache_folder(fake_chunks, tmp_path, monkeypatch):
     (lambda cfg: {**cfg, "num_attention_heads": 0}, "not a model config|must be positive"),
     (lambda cfg: {**cfg, "vocab_size": "128"}, "not a model config dustin can read"),
     (lambda cfg: {**cfg, "rope_scaling": "yes"}, "not a model config dustin can read"),
+    (lambda cfg: {**cfg, "architectures": "GPTNeoXForCausalLM"}, "unsupported architecture 'GPTNeoXForCausalLM'"),
+    (lambda cfg: {**cfg, "num_hidden_layers": -2}, "must be positive"),
 ])
 def test_malformed_configs_are_named(tmp_path, edit, match):
     """A hand-edited or foreign config.json gets a message naming the file, not a traceback."""

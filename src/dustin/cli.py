@@ -146,6 +146,15 @@ def cmd_generate(args) -> None:
                      seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget,
                      draft_linear=args.draft_linear, draft_weights=args.draft_weights)
     cfg.validate()
+    dustin_only = args.method != "dustin"
+    unused = [flag for flag, given in (("--draft", args.method == "ar" and args.draft != "default:draft"),
+                                       ("--policy", dustin_only and args.policy != "dustin"),
+                                       ("--selection-config", dustin_only and args.selection_config is not None),
+                                       ("--budget", dustin_only and args.budget is not None),
+                                       ("--adaptive", dustin_only and args.adaptive),
+                                       ("--guard", dustin_only and args.guard is not None)) if given]
+    if unused:
+        err.print(f"note: {', '.join(unused)} take(s) no part in --method {args.method}")
     with err.status("loading models ..."):
         tokenizer = load_tokenizer(args.target)
         target = load_model(args.target, device=device, dtype=dtype)

@@ -99,6 +99,8 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
         """Build from a parsed Hugging Face `config.json` (transformers 4 or 5 layout)."""
         archs = cfg.get("architectures") or [_arch_from_model_type(cfg.get("model_type"))]
+        if isinstance(archs, str):  # a hand-written config may give the one name bare
+            archs = [archs]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise DustinError(
