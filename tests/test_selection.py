@@ -213,6 +213,26 @@ def test_profiles_and_tuned_configs_round_trip_and_refuse_other_models(tmp_path)
         TunedConfig.load(tmp_path / "bad.json")
 
 
+def test_a_profile_made_at_one_dtype_fits_the_same_model_loaded_at_another():
+    """`dustin tune` loads float32 on the CPU, `dustin eval` bf16: the same checkpoint must pass, another
+    must not. Files from before the bf16 hash still match a model loaded as they were made."""
+    import copy
+
+    from dustin.selection.heads import check_fingerprint, fingerprint
+
+    target, _ = _pair()
+    as_bf16 = copy.deepcopy(target).to(torch.bfloat16)
+    check_fingerprint(fingerprint(target), as_bf16, "profile")
+    check_fingerprint(fingerprint(as_bf16), target, "profile")
+    old = {k: v for k, v in fingerprint(as_bf16).items() if k != "embedding_bf16_sha256"}
+    check_fingerprint(old, target, "profile")  # made from a bf16 load, checked against a float32 one
+    check_fingerprint(old, as_bf16, "profile")
+    with pytest.raises(DustinError, match="made for another model"):
+        check_fingerprint(fingerprint(tiny_model(seed=5)), as_bf16, "profile")
+    with pytest.raises(DustinError, match="made for another model"):
+        check_fingerprint([1, 2], target, "tuned config's target")
+
+
 def test_hand_edited_profiles_and_tuned_configs_are_refused_with_the_reason(tmp_path):
     import dataclasses
     import json

@@ -23,19 +23,33 @@ from ..model import Transformer
 from .metrics import capture_all
 
 
+def _embedding_hash(model: Transformer, dtype: torch.dtype | None = None) -> str:
+    sample = model.embed_tokens.weight[:64].detach()
+    return hashlib.sha256((sample if dtype is None else sample.to(dtype)).float().cpu().numpy().tobytes()).hexdigest()
+
+
 def fingerprint(model: Transformer) -> dict:
-    """Identifies a model: its shape and a hash of part of its embedding table."""
+    """Identifies a model: its shape and hashes of part of its embedding table, as loaded and rounded to
+    bf16 (the second matches the same checkpoint loaded in float32 or bf16)."""
     a = model.args
-    sample = model.embed_tokens.weight[:64].detach().float().cpu().numpy().tobytes()
     return {"architecture": a.architecture, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
             "head_dim": a.head_dim, "dim": a.dim, "vocab_size": a.vocab_size,
-            "embedding_sha256": hashlib.sha256(sample).hexdigest()}
+            "embedding_sha256": _embedding_hash(model), "embedding_bf16_sha256": _embedding_hash(model, torch.bfloat16)}
 
 
 def check_fingerprint(found: dict, model: Transformer, what: str) -> None:
     mine = fingerprint(model)
-    # the hash tolerates nothing; shapes tell the user which model the file was made for
-    if found != mine:
+    shape_keys = [k for k in mine if not k.endswith("sha256")]
+    same_shape = isinstance(found, dict) and all(found.get(k) == mine[k] for k in shape_keys)
+    # the hashes tolerate nothing but the load dtype; files from before the bf16 hash compare the exact one,
+    # or (made from a bf16 load) the exact one against this model rounded to bf16
+    same_weights = (found.get("embedding_bf16_sha256") == mine["embedding_bf16_sha256"]
+                    if isinstance(found, dict) and "embedding_bf16_sha256" in found else
+                    isinstance(found, dict) and found.get("embedding_sha256") in (mine["embedding_sha256"],
+                                                                                  mine["embedding_bf16_sha256"]))
+    # shapes tell the user which model the file was made for
+    if not (same_shape and same_weights):
+        found = found if isinstance(found, dict) else {}
         raise DustinError(f"this {what} was made for another model ({found.get('architecture')}, "
                           f"{found.get('n_layers')} layers, {found.get('n_heads')} heads, embedding hash "
                           f"{str(found.get('embedding_sha256'))[:12]}) than the one loaded ({mine['architecture']}, "
