@@ -123,15 +123,19 @@ def test_unexpected_errors_are_one_line_unless_asked(monkeypatch, capsys):
     (None, [1, 2], "not a `dustin eval acceptance` result"),
     (None, {"settings": {"context": 0}, "runs": {"dustin@32": {}}}, "not a `dustin eval acceptance` result"),
     (None, {"settings": {"context": 2048}, "runs": {"dustin@abc": {}}}, "not a `dustin eval acceptance` result"),
+    ({"command": "c", "git_revision": "r", "results": [{"budget": 512, "context": 32768, "method": "ar"}]}, None,
+     "not a `dustin bench e2e` result"),
 ])
 def test_rescore_refuses_files_of_the_wrong_kind(tmp_path, capsys, e2e, acceptance, match):
     good_e2e = {"command": "c", "git_revision": "r", "results": [{"budget": 512, "context": 32768}]}
     (tmp_path / "e2e.json").write_text(json.dumps(e2e if e2e is not None else good_e2e))
     (tmp_path / "acc.json").write_text(json.dumps(acceptance if acceptance is not None else
-                                                  {"settings": {"context": 2048}, "runs": {"dustin@32": {}}}))
+                                                  {"settings": {"context": 2048},
+                                                   "runs": {"dustin@32": {"mean_tokens_per_step": 2.5}}}))
     assert main(["bench", "e2e", "--rescore", str(tmp_path / "e2e.json"), "--acceptance-json",
                  str(tmp_path / "acc.json"), "--out-dir", str(tmp_path / "out")]) == 2
     assert " ".join(match.split()) in " ".join(capsys.readouterr().out.split())
+    assert not list((tmp_path / "out").glob("*"))  # nothing half-written
 
 
 def test_flags_a_method_does_not_use_are_named(capsys):

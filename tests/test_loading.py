@@ -195,6 +195,8 @@ def test_unwritable_cache_folder(fake_chunks, tmp_path, monkeypatch):
     (lambda cfg: {**cfg, "rope_scaling": "yes"}, "not a model config dustin can read"),
     (lambda cfg: {**cfg, "architectures": "GPTNeoXForCausalLM"}, "unsupported architecture 'GPTNeoXForCausalLM'"),
     (lambda cfg: {**cfg, "num_hidden_layers": -2}, "must be positive"),
+    (lambda cfg: {**cfg, "hidden_size": 64.5}, "must be positive integers"),
+    (lambda cfg: {**cfg, "num_hidden_layers": True}, "must be positive integers"),
 ])
 def test_malformed_configs_are_named(tmp_path, edit, match):
     """A hand-edited or foreign config.json gets a message naming the file, not a traceback."""
@@ -217,7 +219,7 @@ def test_checkpoint_tensors_of_the_wrong_shape_are_named(tmp_path):
     with pytest.raises(DustinError, match="do not match its config: embed_tokens.weight"):
         load_model(str(path))
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
-    with pytest.raises(DustinError, match="not a valid safetensors index"):
+    with pytest.raises(DustinError, match="is not a safetensors index: it needs a weight_map"):
         load_model(str(path))
 
 

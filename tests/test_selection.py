@@ -254,6 +254,9 @@ def test_hand_edited_profiles_and_tuned_configs_are_refused_with_the_reason(tmp_
         (tmp_path / "t.json").write_text(json.dumps({**good, **edit}))
         with pytest.raises(DustinError, match=match):
             TunedConfig.load(tmp_path / "t.json").selection_config(target, draft)
+    (tmp_path / "t.json").write_text(json.dumps(good))
+    with pytest.raises(DustinError, match=r"^budget \(0\) must exceed"):  # the caller's budget, not the file's fault
+        TunedConfig.load(tmp_path / "t.json").selection_config(target, draft, budget=0)
     prof = dataclasses.asdict(HeadProfile(model=fingerprint(target), scores=torch.rand(2, 4).tolist(), samples=3,
                                           successful=2, seconds=1.5))
     for edit, match in [({"scores": [[0.1, 0.2], [0.3]]}, "not a layers x heads table"),

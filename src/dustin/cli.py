@@ -379,26 +379,27 @@ def _rescore(args, out, command) -> None:
         record = json.loads(Path(args.rescore).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DustinError(f"cannot read {args.rescore} ({e})") from None
+    not_e2e = (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError)
     try:
         budget = record["results"][0]["budget"]
         fraction = budget / max(r["context"] for r in record["results"])
-    except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+    except not_e2e as e:
         raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
     record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=fraction)
-    try:
+    try:  # everything the outputs need, before any of them is written
         bench.add_throughput(record, record["accept_measured"])
-    except (KeyError, TypeError, ValueError) as e:
+        record["rescored"] = {"from": args.rescore, "command": command,
+                              "note": "step times from the GPU run above; tokens per step measured on the CPU"}
+        command_then, revision_then = record.pop("command"), record.pop("git_revision")
+        if "gpu_command" not in record:  # a record rescored before keeps the GPU run it came from
+            record["gpu_command"], record["gpu_git_revision"] = command_then, revision_then
+        md = bench.table(record)
+        bench.plot(record, out / "e2e.png")
+    except not_e2e as e:
         raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
-    record["rescored"] = {"from": args.rescore, "command": command,
-                          "note": "step times from the GPU run above; tokens per step measured on the CPU"}
-    command_then, revision_then = record.pop("command"), record.pop("git_revision")
-    if "gpu_command" not in record:  # a record rescored before keeps the GPU run it came from
-        record["gpu_command"], record["gpu_git_revision"] = command_then, revision_then
-    steps_command = record["gpu_command"]
     common.write_record(out / "e2e.json", command, record)
-    (out / "e2e.md").write_text(f"`{steps_command}` then `{command}`\n\n" + bench.table(record) + "\n")
-    bench.plot(record, out / "e2e.png")
-    console.print(bench.table(record), markup=False, highlight=False)
+    (out / "e2e.md").write_text(f"`{record['gpu_command']}` then `{command}`\n\n" + md + "\n")
+    console.print(md, markup=False, highlight=False)
 
 
 _ARGV: list[str] = []

@@ -168,8 +168,11 @@ class ModelArgs:
             what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
             raise DustinError(f"{path} is not a model config dustin can read ({what}); it needs a Hugging Face "
                               "config.json of a Llama, Qwen2 or Mistral model") from None
-        if min(args.n_layers, args.n_heads, args.n_kv_heads, args.dim, args.vocab_size, args.intermediate_size) < 1:
-            raise DustinError(f"{path}: layer, head, hidden, intermediate and vocabulary sizes must be positive")
+        sizes = (args.n_layers, args.n_heads, args.n_kv_heads, args.dim, args.vocab_size, args.intermediate_size,
+                 args.head_dim)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+            raise DustinError(f"{path}: layer, head, hidden, intermediate and vocabulary sizes must be positive "
+                              "integers")
         return args
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def load_model(source: str, *, device: str | torch.device = "cpu", dtype: torch.
     if path.suffix == ".gguf":
         reader = _gguf_reader(path)
         args = gguf_args(reader)
-        return _assemble(args, gguf_state_dict(reader, args), device, dtype)
+        return _assemble(args, gguf_state_dict(reader, args), device, dtype, path)
     return _load_safetensors_dir(_checkpoint_dir(path), device, dtype)
 
 
@@ -83,7 +83,7 @@ def load_tokenizer(source: str):
         _gguf_reader(path)
         try:
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # transformers' GGUF tokenizer reader raises assorted errors on missing fields
             raise DustinError(f"no usable tokenizer in {path} ({e}); use a GGUF file that carries its tokenizer, "
                               "or the model's Hugging Face directory") from None
     directory = _checkpoint_dir(path)
@@ -143,8 +143,8 @@ def fuse_projections(state: dict[str, torch.Tensor], n_layers: int) -> dict[str,
     return state
 
 
-def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.device,
-              dtype: torch.dtype) -> Transformer:
+def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+              source: Path) -> Transformer:
     state = fuse_projections(state, args.n_layers)
     with torch.device("meta"):
         model = Transformer(args)
@@ -154,13 +154,13 @@ def _assemble(args: ModelArgs, state: dict[str, torch.Tensor], device: torch.dev
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise DustinError(f"checkpoint does not match a {args.architecture} with this config: missing "
+        raise DustinError(f"{source}: the checkpoint does not match a {args.architecture} with this config: missing "
                           f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                           f"{'...' if len(unexpected) > 5 else ''}")
     wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(ref.shape)})" for k, ref in model.state_dict().items()
              if k in state and state[k].shape != ref.shape]
     if wrong:
-        raise DustinError(f"checkpoint tensors do not match its config: {', '.join(wrong[:3])}"
+        raise DustinError(f"{source}: the checkpoint's tensors do not match its config: {', '.join(wrong[:3])}"
                           f"{'...' if len(wrong) > 3 else ''}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True, strict=False)
@@ -178,8 +178,11 @@ def _load_safetensors_dir(directory: Path, device: torch.device, dtype: torch.dt
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DustinError(f"{index} is not a valid safetensors index ({e}); the file may be truncated") from None
+        except json.JSONDecodeError as e:
+            raise DustinError(f"{index} is not valid JSON ({e}); the file may be truncated") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise DustinError(f"{index} is not a safetensors index: it needs a weight_map from tensor names to "
+                              f"file names ({type(e).__name__}: {e})") from None
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -195,7 +198,7 @@ def _load_safetensors_dir(directory: Path, device: torch.device, dtype: torch.dt
                     state[key.removeprefix("model.")] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise DustinError(f"cannot read {path} ({e}); the file is truncated or corrupt") from None
-    return _assemble(args, state, device, dtype)
+    return _assemble(args, state, device, dtype, directory)
 
 
 # --- GGUF ------------------------------------------------------------------------------------------
@@ -232,7 +235,8 @@ def gguf_args(reader) -> ModelArgs:
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if bad or embd is None:
         lacks = [f"{arch}.{k}" for k in bad] + (["the token_embd.weight tensor"] if embd is None else [])
-        raise DustinError(f"this GGUF file lacks what dustin needs: {', '.join(lacks)}")
+        name = getattr(reader.data, "filename", None) or "this GGUF file"  # the reader maps its file
+        raise DustinError(f"{name} lacks what dustin needs: {', '.join(lacks)}")
     n_heads, dim = int(sizes["attention.head_count"]), int(sizes["embedding_length"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return ModelArgs(

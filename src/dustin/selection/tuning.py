@@ -198,6 +198,8 @@ class TunedConfig:
                 cfg.budget = budget
                 cfg.m = round(self.m_fraction * (budget - cfg.fixed))
             cfg.validate()
+        except DustinError:
+            raise
         except (TypeError, ValueError, AttributeError) as e:  # a hand-edited file: values of the wrong kind
             raise DustinError(f"the tuned config's selection is malformed ({e}); make a new one with "
                               "`dustin tune`") from None
