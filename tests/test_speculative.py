@@ -224,6 +224,9 @@ def test_bad_input_is_refused():
         Generator(target, draft, SpecConfig(draft_weights="int8"))
     with pytest.raises(DustinError, match="different vocabularies"):
         Generator(target, tiny_model(seed=1, vocab_size=80), SpecConfig())
+    too_far = target.args.max_position_embeddings
+    with pytest.raises(DustinError, match="or lower gamma"):  # the draft's lookahead needs positions too
+        Generator(target, draft, SpecConfig(gamma=too_far, max_new_tokens=2)).generate([[1, 2, 3]])
     with pytest.raises(DustinError, match="needs a draft"):
         Generator(target, None, SpecConfig(method="sd"))
     with pytest.raises(DustinError, match="no tokenizer"):

@@ -75,7 +75,8 @@ def load_tokenizer(source: str):
 
     kind, rest = _split(source)
     if kind == "random":
-        raise DustinError(f"{source!r} has random weights and no tokenizer; pass token ids instead of text")
+        raise DustinError(f"{source!r} has random weights and no tokenizer: text needs a checkpoint with one (in "
+                          "Python, token ids work with any model)")
     if kind == "default":
         return AutoTokenizer.from_pretrained(str(defaults.ensure_converted(rest)))
     path = Path(source)

@@ -141,7 +141,8 @@ class Generator:
         if real is None or real > min(vt, vd):
             raise DustinError(
                 f"draft and target have different vocabularies ({vd} vs {vt} entries); if they share a "
-                "tokenizer whose vocabulary fits both, pass tokenizer= (or vocab_size=)"
+                "tokenizer whose vocabulary fits both, give it (Generator's tokenizer= or vocab_size=; the CLI "
+                "passes the target's tokenizer), else pick a draft of the target's family"
             )
         return min(vt, vd)
 
@@ -206,9 +207,10 @@ class Generator:
         use_draft = cfg.method != "ar"
         for model in (self.target, self.draft) if use_draft else (self.target,):
             if need > model.args.max_position_embeddings:
-                raise DustinError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new}) needs "
-                                  f"{need} positions but the model has {model.args.max_position_embeddings}; "
-                                  "shorten the prompt or generate fewer tokens")
+                raise DustinError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new}) and "
+                                  f"gamma + 2 ({gamma + 2}) needs {need} positions but the model has "
+                                  f"{model.args.max_position_embeddings}; shorten the prompt, generate fewer tokens "
+                                  "or lower gamma")
             if reuse_prefill:
                 self._check_prefilled(model, prompts, need)
             else:
