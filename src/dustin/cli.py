@@ -146,13 +146,13 @@ def cmd_generate(args) -> None:
                      seed=args.seed, max_new_tokens=args.max_new_tokens, draft_budget=args.draft_budget,
                      draft_linear=args.draft_linear, draft_weights=args.draft_weights)
     cfg.validate()
-    dustin_only = args.method != "dustin"
+    not_dustin = args.method != "dustin"
     unused = [flag for flag, given in (("--draft", args.method == "ar" and args.draft != "default:draft"),
-                                       ("--policy", dustin_only and args.policy != "dustin"),
-                                       ("--selection-config", dustin_only and args.selection_config is not None),
-                                       ("--budget", dustin_only and args.budget is not None),
-                                       ("--adaptive", dustin_only and args.adaptive),
-                                       ("--guard", dustin_only and args.guard is not None)) if given]
+                                       ("--policy", not_dustin and args.policy != "dustin"),
+                                       ("--selection-config", not_dustin and args.selection_config is not None),
+                                       ("--budget", not_dustin and args.budget is not None),
+                                       ("--adaptive", not_dustin and args.adaptive),
+                                       ("--guard", not_dustin and args.guard is not None)) if given]
     if unused:
         err.print(f"note: {', '.join(unused)} take(s) no part in --method {args.method}")
     with err.status("loading models ..."):
@@ -326,7 +326,6 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args) -> None:
-
     import torch
 
     from .bench import common
@@ -379,14 +378,9 @@ def _rescore(args, out, command) -> None:
         record = json.loads(Path(args.rescore).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DustinError(f"cannot read {args.rescore} ({e})") from None
-    not_e2e = (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError)
-    try:
-        budget = record["results"][0]["budget"]
-        fraction = budget / max(r["context"] for r in record["results"])
-    except not_e2e as e:
-        raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
-    record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=fraction)
     try:  # everything the outputs need, before any of them is written
+        fraction = record["results"][0]["budget"] / max(r["context"] for r in record["results"])
+        record["accept_measured"] = bench.load_measured(args.acceptance_json, budget_fraction=fraction)
         bench.add_throughput(record, record["accept_measured"])
         record["rescored"] = {"from": args.rescore, "command": command,
                               "note": "step times from the GPU run above; tokens per step measured on the CPU"}
@@ -395,7 +389,9 @@ def _rescore(args, out, command) -> None:
             record["gpu_command"], record["gpu_git_revision"] = command_then, revision_then
         md = bench.table(record)
         bench.plot(record, out / "e2e.png")
-    except not_e2e as e:
+    except DustinError:  # the acceptance file's own message
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise DustinError(f"{args.rescore} is not a `dustin bench e2e` result ({type(e).__name__}: {e})") from None
     common.write_record(out / "e2e.json", command, record)
     (out / "e2e.md").write_text(f"`{record['gpu_command']}` then `{command}`\n\n" + md + "\n")
