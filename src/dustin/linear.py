@@ -45,7 +45,7 @@ try:
 except ImportError:  # CPU-only installs run the reference
     triton = None
 else:
-    from .pdl import prefetch_l2, wait_for_inputs
+    from .pdl import wait_for_inputs
 
 MAX_ROWS = 64  # beyond this cuBLAS's tiling wins; the model routes larger passes there
 
@@ -91,7 +91,7 @@ if triton is not None:
                        NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                        SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLITS: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
-                       L2_AHEAD: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr):
+                       PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -109,10 +109,7 @@ if triton is not None:
         ss = tl.zeros([BLOCK_M], tl.float32)
         k_lo = split * k_per
         k_hi = tl.minimum(k_lo + k_per, K)
-        # no kernel writes the weights: the first tile loads while the kernel before this one finishes,
-        # and L2 fetches the rest of the slice
-        if L2_AHEAD:
-            _prefetch_slice(W, cols, col_ok, k_lo, k_hi, s_wn, N, SILU, LINE)
+        # no kernel writes the weights: the first tile loads while the kernel before this one finishes
         w, w_up = _weight_tile(W, X, cols, col_ok, k_lo, kk, K, N, s_wn, SILU, EVEN_K, SCALED)
         wait_for_inputs(PDL)
         x, ss = _input_tile(X, NormW, rows, row_ok, k_lo, kk, K, s_xm, ss, NORM, EVEN_K)
@@ -154,18 +151,6 @@ if triton is not None:
         else:
             _epilogue(acc, acc_up, ss, rows, cols, row_ok, col_ok, WScale, Bias, Res, Out, N, K, eps, s_rm, s_om,
                       NORM, SILU, RESIDUAL, HAS_BIAS, SCALED)
-
-    @triton.jit
-    def _prefetch_slice(W, cols, col_ok, k_lo, k_hi, s_wn, N, SILU: tl.constexpr, LINE: tl.constexpr):
-        """Into L2: every `LINE`-element (128-byte) line of weight rows `cols` (and their up rows with
-        `SILU`) over depth `[k_lo, k_hi)`."""
-        lines = tl.arange(0, 16) * LINE
-        for k0 in range(k_lo // LINE * LINE, k_hi, 16 * LINE):
-            at = k0 + lines
-            ok = col_ok[:, None] & (at < k_hi)[None, :]
-            prefetch_l2(tl.where(ok, W + cols[:, None] * s_wn + at[None, :], W))
-            if SILU:
-                prefetch_l2(tl.where(ok, W + (cols + N)[:, None] * s_wn + at[None, :], W))
 
     @triton.jit
     def _weight_tile(W, X, cols, col_ok, k0, kk, K, N, s_wn, SILU: tl.constexpr, EVEN_K: tl.constexpr,
@@ -328,9 +313,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     per-row `weight_scale` (`quantize_fp8`: half the bytes, widened exactly in the kernel); residual:
     `[..., N]`. Returns `[..., N]`. Any tiling argument given replaces the planned tiling (`plan`).
 
-    Under PDL (`dustin.pdl`) the kernel reads its first weight tile, and prefetches the rest of its slice
-    into L2, before the previous kernel has finished: `weight` must not be an output of the kernel
-    launched just before (a parameter never is)."""
+    Under PDL (`dustin.pdl`) the kernel reads its first weight tile before the previous kernel has
+    finished: `weight` must not be an output of the kernel launched just before (a parameter never is)."""
     K = x.shape[-1]
     N = weight.shape[0] // 2 if silu else weight.shape[0]
     x2 = x.reshape(-1, K)
@@ -386,7 +370,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         res2, out2, part_acc, part_ss, counter, M, N, K, k_per, eps, x2.stride(0), weight.stride(0), res2.stride(0),
         out2.stride(0), NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None, SCALED=weight_scale is not None, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-        SPLITS=splits, EVEN_K=K % bk == 0, SWAP=p.swap, PRECISION=dot_precision(x.dtype),
-        L2_AHEAD=pdl.l2_prefetching(x.device), LINE=128 // weight.element_size(), **pdl.options(x.device),
+        SPLITS=splits, EVEN_K=K % bk == 0, SWAP=p.swap, PRECISION=dot_precision(x.dtype), **pdl.options(x.device),
         num_warps=p.num_warps, num_stages=p.num_stages)
     return out

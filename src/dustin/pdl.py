@@ -20,15 +20,10 @@ where every draft kernel is ours: the Qwen2.5-7B/0.5B step at 32k, batch 16 take
 9.48 without; the Llama pair's draft keeps its cuBLAS projections, which take no part (10.55, 10.58).
 The early gather alone is worth 8.77 against 8.81 ms (`+late-gather`).
 
-Only a first tile fits in registers across the wait. `prefetch_l2` asks L2 for more, with nothing
-waiting on the answer: a projection for its whole weight slice, index-set attention for every row of its
-share of the set (`l2_prefetching`), so the DRAM reads of the next kernel run under the tail of this one.
-
     >>> _kernel[grid](..., **pdl.options(x.device))   # PDL=, and launch_pdl=True where it is on
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
@@ -42,7 +37,6 @@ except ImportError:  # CPU-only installs never launch kernels
     triton = None
 
 _enabled = os.environ.get("DUSTIN_PDL", "1") != "0"
-_l2_ahead = os.environ.get("DUSTIN_L2_PREFETCH", "1") != "0"
 
 
 def set_enabled(flag: bool) -> None:
@@ -55,26 +49,6 @@ def set_enabled(flag: bool) -> None:
 
 def is_enabled() -> bool:
     return _enabled
-
-
-@contextlib.contextmanager
-def use_l2_prefetch(flag: bool):
-    """Within the block, kernels issue their L2 prefetches (`prefetch_l2`) if `flag` and the setting
-    allow (on by default; `DUSTIN_L2_PREFETCH=0` turns it off): a benchmark compares the two side by
-    side. A CUDA graph keeps the launches it captured."""
-    global _l2_ahead
-    saved = _l2_ahead
-    _l2_ahead = bool(flag) and saved
-    try:
-        yield
-    finally:
-        _l2_ahead = saved
-
-
-def l2_prefetching(device: torch.device) -> bool:
-    """Whether kernels launched now on `device` issue L2 prefetches: while enabled, compiled for a CUDA
-    device (the interpreter runs no inline PTX)."""
-    return _l2_ahead and triton is not None and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,10 +79,3 @@ if triton is not None:
         if PDL:
             tl_cuda.gdc_wait()
             tl_cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte line that each element of `ptrs` points into; nothing waits for it, so
-        a program can issue a whole slice's worth and go on. Every pointer must be a valid address."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)

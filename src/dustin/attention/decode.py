@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .. import pdl, scratch
 from ..errors import DustinError
-from ..pdl import prefetch_l2, wait_for_inputs
+from ..pdl import wait_for_inputs
 
 LOG2E = 1.4426950408889634
 
@@ -77,7 +77,7 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                  T: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, N_SPLITS: tl.constexpr, SPARSE: tl.constexpr,
                  FUSE_COMBINE: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr, ROPE: tl.constexpr,
-                 L2_AHEAD: tl.constexpr, LINES: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                 PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)  # one (sequence, KV head, group of GP query heads of it)
     split = tl.program_id(1)
     b, h, head0, n_rows = _unit(pid, n_kv_heads, T, G, GP)
@@ -89,8 +89,6 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
         # so a 512-entry set with 5 new tokens is 8 tiles of 64, not 9
         lo, hi = split_range(n_budget, split, N_SPLITS, BLOCK_N)
         idx_ptr = Idx + b * s_ib + h * s_ih
-        if L2_AHEAD:  # every gathered row of this split into L2 at once, while the kernel before finishes
-            _prefetch_rows(k_base, v_base, idx_ptr, lo, hi, s_ks, s_vs, n_cache, D, BLOCK_N, LINES)
     if EARLY:
         # the lengths, the index set and the cache below the lengths are older than the kernel before
         # this one (`dustin.pdl`): gather the first tile while that kernel finishes, and wait only for q
@@ -192,20 +190,6 @@ def _attn_kernel(Q, K, V, SeqLens, Idx, Out, PartO, PartLse, Counter, Cos, Sin, 
                 _merge(PartO, PartLse, Out, pid * N_SPLITS * BLOCK_M, b, head0, n_rows, s_ob, s_oh, s_ot,
                        T, D, BLOCK_M, N_SPLITS)
                 tl.atomic_xchg(Counter + pid, 0)  # ready for the next launch
-
-
-@triton.jit
-def _prefetch_rows(k_base, v_base, idx_ptr, lo, hi, s_ks, s_vs, n_cache, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   LINES: tl.constexpr):
-    """Into L2: the K and V rows (`LINES` 128-byte lines each) at index-set entries `[lo, hi)`. The set
-    is older than the kernel before (`dustin.pdl`); a row that kernel writes is read again after the wait."""
-    part = tl.arange(0, LINES) * (D // LINES)
-    for start in range(lo, hi, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N)
-        idx = tl.load(idx_ptr + offs, mask=offs < hi, other=0)
-        idx = tl.where((idx >= 0) & (idx < n_cache), idx, 0)  # skipped entries: any valid row
-        prefetch_l2(k_base + idx[:, None] * s_ks + part[None, :])
-        prefetch_l2(v_base + idx[:, None] * s_vs + part[None, :])
 
 
 @triton.jit
@@ -451,7 +435,6 @@ def _launch(q, k_cache, v_cache, seq_lens, indices, *, n_splits, block_n, num_wa
         T=T, G=G, GP=GP, D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(T)),
         N_SPLITS=n_splits, SPARSE=sparse, FUSE_COMBINE=fuse, PREFETCH=prefetch,
         EARLY=gathers_early(D, block_n, sparse, early), ROPE=rope is not None,
-        L2_AHEAD=sparse and pdl.l2_prefetching(q.device), LINES=max(1, D * k_cache.element_size() // 128),
         PRECISION=dot_precision(q.dtype), **pdl.options(q.device),
         num_warps=num_warps, num_stages=num_stages)
     if n_splits > 1 and not fuse:

@@ -49,8 +49,6 @@ METHODS = {
     "dustin+draft-selected+sparse-tiles-64": dict(method="dustin", draft_kv="selected", sparse_tiles=64),
     # ... and with every index-set tile gathered after the PDL wait (`decode.use_early_gather`)
     "dustin+draft-selected+late-gather": dict(method="dustin", draft_kv="selected", early_gather=False),
-    # ... and with no L2 prefetch of weight slices and index-set rows (`dustin.pdl.prefetch_l2`)
-    "dustin+draft-selected+no-l2-prefetch": dict(method="dustin", draft_kv="selected", l2_prefetch=False),
 }
 SLACK = 64
 
@@ -142,14 +140,13 @@ def bench_method(name: str, target: Transformer, draft: Transformer, *, batch: i
     was = pdl.is_enabled()
     pdl.set_enabled(spec.pop("pdl", True) and was)
     try:
-        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)), \
-                pdl.use_l2_prefetch(spec.pop("l2_prefetch", True)):
-            on, l2 = pdl.options(target.device)["PDL"], pdl.l2_prefetching(target.device)
+        on = pdl.options(target.device)["PDL"]
+        with use_sparse_tiles(spec.pop("sparse_tiles", None)), use_early_gather(spec.pop("early_gather", True)):
             out = _bench(spec, adaptive, target, draft, batch=batch, context=context, gamma=gamma,
                          draft_budget=draft_budget, sel=sel, dist=dist, replays=replays, profile=profile)
     finally:
         pdl.set_enabled(was)
-    out["pdl"], out["l2_prefetch"] = on, l2
+    out["pdl"] = on
     return out
 
 

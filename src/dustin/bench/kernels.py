@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import pdl
 from ..attention import reference
 from ..attention.decode import decode_attention, default_tile, plan_splits, sparse_attention
 from ..attention.scoring import score_positions
@@ -48,11 +47,6 @@ def _best(variants: dict[str, callable], **timing) -> tuple[str, float, dict]:
     ok = {k: v for k, v in times.items() if isinstance(v, float)}
     name = min(ok, key=ok.get)
     return name, ok[name], times
-
-
-def _without_l2(launch):
-    with pdl.use_l2_prefetch(False):
-        return launch()
 
 
 def _default(times: dict, name: str) -> float:
@@ -114,9 +108,6 @@ def bench_case(shape: str, context: int, batch: int, *, gamma: int = 4, budget: 
                                   (4, 64, 3, True, 1), (8, 64, 3, True, 1), (2, 32, 4, True, 1), (1, 64, 5, False, 1),
                                   (1, 128, 3, True, 1), (1, 64, 3, True, 2), (2, 64, 2, True, 1),
                                   (4, 64, 2, True, 1))}
-    # the default without its L2 prefetch of the set's rows (`dustin.pdl.prefetch_l2`), side by side
-    sparse["splitsNone-bnNone-s3-prefetch1-nol2"] = lambda: _without_l2(
-        lambda: sparse_attention(q, k, v, lens, sets[next(rot) % n_sets], check=False))
     out["sparse_best_config"], out["sparse_best_s"], out["sparse_variants_s"] = _best(sparse, calls=n_sets)
     out["sparse_config"] = "splitsNone-bnNone-s3-prefetch1"
     out["sparse_s"] = _default(out["sparse_variants_s"], out["sparse_config"])
