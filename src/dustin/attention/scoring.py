@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..errors import DustinError
-from .decode import LOG2E, _sm_count, default_tile, dot_precision, plan_splits, semaphores, split_range
+from .decode import LOG2E, default_tile, dot_precision, plan_splits, split_range
 
 
 @triton.jit
@@ -30,18 +30,9 @@ def _logits_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, P
                    T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    _logits(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, (pid // n_groups).to(tl.int64),
-            pid % n_groups, tl.program_id(1), s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_heads,
-            n_tiles, scale, T, HG, D, BLOCK_M, BLOCK_N, N_SPLITS, PRECISION)
-
-
-@triton.jit
-def _logits(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, b, grp, split,
-            s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, n_heads, n_tiles, scale,
-            T: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
-    """Split `split` of sequence `b` (int64: b * batch stride can pass 2^31 elements) for the chosen
-    heads of KV group `grp`: fp16 logits relative to each tile's row maxima, and the split's statistics."""
+    split = tl.program_id(1)
+    b = (pid // n_groups).to(tl.int64)  # b * batch stride can pass 2^31 elements
+    grp = pid % n_groups
     L = tl.load(SeqLens + b)
     kvh = tl.load(GroupKv + grp)
     rows = tl.arange(0, BLOCK_M)
@@ -80,18 +71,10 @@ def _logits(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, b
 def _normalize_kernel(Logits, TileMax, PartM, PartL, SeqLens, Out, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
                       H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr):
-    _normalize(Logits, TileMax, PartM, PartL, SeqLens, Out, tl.program_id(0), tl.program_id(1), s_lb, s_lh, s_lt,
-               s_ob, s_ot, S, n_tiles, H, T, ROWS, N_SPLITS, BLOCK_S, BLOCK_N, ACCUMULATE, SUM_T, "")
-
-
-@triton.jit
-def _normalize(Logits, TileMax, PartM, PartL, SeqLens, Out, b, blk, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_tiles,
-               H: tl.constexpr, T: tl.constexpr, ROWS: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-               BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr, CACHE: tl.constexpr):
-    """Block `blk` of sequence `b`'s positions: the splits' statistics merged, the probabilities summed
-    over the heads. `CACHE` ".cg" reads what other programs of the same launch wrote from L2."""
     # every (head, query) row of the block at once: each row's statistics, logits and tile maxima are
     # loaded together, not in a chain of H x T dependent rounds (the draft's 16 rows made one such chain)
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
     L = tl.load(SeqLens + b)
     pos = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     r = tl.arange(0, ROWS)  # row r: head r // T, query r % T
@@ -99,16 +82,15 @@ def _normalize(Logits, TileMax, PartM, PartL, SeqLens, Out, b, blk, s_lb, s_lh, 
     row_ok = r < H * T
     splits = tl.arange(0, N_SPLITS)
     part = (b * H * T + r)[:, None] * N_SPLITS + splits[None, :]
-    pm = tl.load(PartM + part, mask=row_ok[:, None], other=0.0, cache_modifier=CACHE)
+    pm = tl.load(PartM + part, mask=row_ok[:, None], other=0.0)
     m = tl.max(pm, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.load(PartL + part, mask=row_ok[:, None], other=1.0, cache_modifier=CACHE)
-                   * tl.exp2(pm - m_safe[:, None]), 1)
+    denom = tl.sum(tl.load(PartL + part, mask=row_ok[:, None], other=1.0) * tl.exp2(pm - m_safe[:, None]), 1)
     visible = row_ok[:, None] & (pos[None, :] < S) & (pos[None, :] <= L + t[:, None])
     x = tl.load(Logits + b * s_lb + (r // T)[:, None] * s_lh + t[:, None] * s_lt + pos[None, :], mask=visible,
-                other=float("-inf"), cache_modifier=CACHE)
+                other=float("-inf"))
     m_tile = tl.load(TileMax + (b * H * T + r)[:, None] * n_tiles + pos[None, :] // BLOCK_N, mask=visible,
-                     other=0.0, cache_modifier=CACHE)
+                     other=0.0)
     p = tl.where(visible, tl.exp2(x.to(tl.float32) + m_tile - m_safe[:, None]) / denom[:, None], 0.0)
     in_cache = pos < S
     if SUM_T:
@@ -120,53 +102,10 @@ def _normalize(Logits, TileMax, PartM, PartL, SeqLens, Out, b, blk, s_lb, s_lh, 
 
 
 @triton.jit
-def _score_kernel(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, Out, Queue, Done,
-                  s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh, s_lt, s_ob, s_ot, S, n_seqs, n_groups, n_tiles,
-                  n_programs, scale, T: tl.constexpr, HG: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_SPLITS: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, ACCUMULATE: tl.constexpr, SUM_T: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    # one launch, resident programs taking work from a queue: every (sequence, group, split) of logits,
-    # then every (sequence, block) of normalising, each waiting only for its own sequence's logits, so
-    # the early sequences normalise while the last ones still read keys
-    n_logits = n_seqs * n_groups * N_SPLITS
-    n_blocks = tl.cdiv(S, BLOCK_S)
-    n_items = n_logits + n_seqs * n_blocks
-    item = tl.atomic_add(Queue, 1, sem="relaxed", scope="gpu")
-    while item < n_items:
-        if item < n_logits:
-            b = (item // (n_groups * N_SPLITS)).to(tl.int64)
-            _logits(Q, K, SeqLens, GroupHeads, GroupKv, Logits, TileMax, PartM, PartL, b,
-                    (item // N_SPLITS) % n_groups, item % N_SPLITS, s_qb, s_qh, s_qt, s_kb, s_kh, s_ks, s_lb, s_lh,
-                    s_lt, H, n_tiles, scale, T, HG, D, BLOCK_M, BLOCK_N, N_SPLITS, PRECISION)
-            tl.debug_barrier()
-            tl.atomic_add(Done + b, 1, sem="release", scope="gpu")
-        else:
-            b = ((item - n_logits) // n_blocks).to(tl.int64)
-            seen = tl.atomic_add(Done + b, 0, sem="acquire", scope="gpu")
-            while seen < n_groups * N_SPLITS:
-                seen = tl.atomic_add(Done + b, 0, sem="acquire", scope="gpu")
-            _normalize(Logits, TileMax, PartM, PartL, SeqLens, Out, b, (item - n_logits) % n_blocks, s_lb, s_lh,
-                       s_lt, s_ob, s_ot, S, n_tiles, H, T, ROWS, N_SPLITS, BLOCK_S, BLOCK_N, ACCUMULATE, SUM_T,
-                       ".cg")
-        item = tl.atomic_add(Queue, 1, sem="relaxed", scope="gpu")
-    # the last program out leaves the queue and the counters at zero for the next launch; each program
-    # counts itself out once more on the queue, so the queue reads n_items + n_programs at the end
-    if item == n_items + n_programs - 1:
-        tl.atomic_xchg(Queue, 0, sem="relaxed", scope="gpu")
-        for b0 in range(0, n_seqs, BLOCK_B):
-            bs = b0 + tl.arange(0, BLOCK_B)
-            tl.store(Done + bs, tl.zeros([BLOCK_B], tl.int32), mask=bs < n_seqs)
-
-
-@triton.jit
 def _write(ptr, x, mask, ACCUMULATE: tl.constexpr):
     if ACCUMULATE:
         x += tl.load(ptr, mask=mask, other=0.0)
     tl.store(ptr, x, mask=mask)
-
-
-_RESIDENT = 2  # programs per SM of the one-launch kernel
 
 
 @lru_cache(maxsize=64)
@@ -184,7 +123,7 @@ def _groups(kv_heads: tuple[int, ...], device: torch.device) -> tuple[torch.Tens
 def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tensor, kv_heads, *,
                     out: torch.Tensor | None = None, n_splits: int | None = None, block_n: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None, sum_queries: bool = False,
-                    one_launch: bool = False, check: bool = True) -> torch.Tensor:
+                    check: bool = True) -> torch.Tensor:
     """Per query and position, the chosen heads' full-context attention probabilities summed over heads.
 
     q: `[B, h, T, D]` the chosen heads' queries; k_cache: `[B, Hkv, S, D]`; seq_lens: `[B]` (query `t`
@@ -236,28 +175,17 @@ def score_positions(q: torch.Tensor, k_cache: torch.Tensor, seq_lens: torch.Tens
     tile_max = torch.empty(B * H * T * n_tiles, device=q.device, dtype=torch.float32)
     part_m = torch.empty(B * H * T * n_splits, device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
+    _logits_kernel[(B * n_groups, n_splits)](
+        q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        logits.stride(0), logits.stride(1), logits.stride(2), n_groups, H, n_tiles, LOG2E / math.sqrt(D),
+        T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages)
     accumulate = out is not None
     if out is None:
         out = torch.empty(B, 1 if sum_queries else T, S, device=q.device, dtype=torch.float32)
     rows = triton.next_power_of_2(H * T)
     block_s = max(16, min(1024, 4096 // rows))  # about 4096 probabilities per program, 32 per thread
-    strides = (q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-               logits.stride(0), logits.stride(1), logits.stride(2))
-    if one_launch:
-        n_items = B * (n_groups * n_splits + triton.cdiv(S, block_s))
-        programs = min(n_items, _RESIDENT * _sm_count(q.device))
-        counters = semaphores(q.device, 1 + B)
-        _score_kernel[(programs,)](
-            q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, out, counters, counters[1:],
-            *strides, out.stride(0), out.stride(1), S, B, n_groups, n_tiles, programs, LOG2E / math.sqrt(D),
-            T=T, HG=hg, H=H, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits, ROWS=rows, BLOCK_S=block_s,
-            BLOCK_B=min(1024, triton.next_power_of_2(B)), ACCUMULATE=accumulate, SUM_T=sum_queries,
-            PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-        return out
-    _logits_kernel[(B * n_groups, n_splits)](
-        q, k_cache, seq_lens, table, kv, logits, tile_max, part_m, part_l, *strides, n_groups, H, n_tiles,
-        LOG2E / math.sqrt(D), T=T, HG=hg, D=D, BLOCK_M=block_m, BLOCK_N=block_n, N_SPLITS=n_splits,
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     _normalize_kernel[(B, triton.cdiv(S, block_s))](
         logits, tile_max, part_m, part_l, seq_lens, out, logits.stride(0), logits.stride(1), logits.stride(2),
         out.stride(0), out.stride(1), S, n_tiles, H=H, T=T, ROWS=rows, N_SPLITS=n_splits, BLOCK_S=block_s,
