@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from dustin.cli import main
 
@@ -81,11 +82,26 @@ def test_bad_arguments_are_refused_before_any_work(capsys, argv, match):
 
 @pytest.mark.parametrize("argv", [["generate", "--batch", "0"], ["generate", "--prompt-tokens", "-1"],
                                   ["generate", "--temperature", "nan"], ["eval", "ppl", "--limit", "0"],
-                                  ["eval", "ppl", "--context", "0"], ["tune", "--heads", "0", "--out", "x"]])
+                                  ["eval", "ppl", "--context", "0"], ["tune", "--heads", "0", "--out", "x"],
+                                  ["tune", "--n-recent", "0", "--out", "x"], ["tune", "--gamma", "0", "--out", "x"]])
 def test_out_of_range_numbers_are_usage_errors(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_tune_refuses_more_heads_per_layer_than_a_model_has(monkeypatch, capsys, tmp_path):
+    from dustin import loading
+    from dustin.config import ModelArgs
+
+    tiny = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64)
+    monkeypatch.setattr(loading, "load_model", lambda source, **kw: loading.random_model(
+        tiny, device=torch.device("cpu"), dtype=torch.float32))
+    argv = ["tune", "--heads", "5", "--target-profile", "t.json", "--draft-profile", "d.json",
+            "--out", str(tmp_path / "x.json")]
+    assert main(argv) == 2
+    assert "--heads 5 is more than the target's 4 query heads per layer; give at most 4" in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_outputs_are_checked_before_the_work_that_fills_them(tmp_path, capsys):

@@ -291,6 +291,10 @@ def cmd_tune(args) -> None:
     texts = load_texts(args.data)
     with console.status("loading models ..."):
         target, draft = load_model(args.target, device=device), load_model(args.draft, device=device)
+        for name, model in (("target", target), ("draft", draft)):
+            if args.heads > model.args.n_heads:
+                raise DustinError(f"--heads {args.heads} is more than the {name}'s {model.args.n_heads} query heads "
+                                  f"per layer; give at most {min(target.args.n_heads, draft.args.n_heads)}")
         tokenizer = load_tokenizer(args.target)
     t_heads = HeadProfile.load(t_prof, target).top_heads(args.heads)
     d_heads = HeadProfile.load(d_prof, draft).top_heads(args.heads)
@@ -528,10 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", type=at_least(1), default=6)
     s.add_argument("--context", type=at_least(1), default=2048, help="tokens per trace prompt")
     s.add_argument("--new-tokens", type=at_least(1), default=48, help="tokens generated per trace prompt")
-    s.add_argument("--gamma", type=int, default=4)
-    s.add_argument("--budget", type=int, default=64, help="budget the split is tuned at")
+    s.add_argument("--gamma", type=at_least(1), default=4)
+    s.add_argument("--budget", type=at_least(1), default=64, help="budget the split is tuned at")
     s.add_argument("--n-sink", type=at_least(0), default=4)
-    s.add_argument("--n-recent", type=at_least(0), default=16)
+    s.add_argument("--n-recent", type=at_least(1), default=16)
     s.add_argument("--trials", type=at_least(1), default=40, help="Optuna trials for m")
     s.add_argument("--out", required=True, help="JSON file to write")
     s.set_defaults(func=cmd_tune)

@@ -39,7 +39,9 @@ class SpecStats:
     accepted: int = 0  # of those, accepted
     new_tokens: int = 0  # tokens emitted over all sequences
     guarded: int = 0  # steps that the policy's guard re-verified with the whole cache
-    per_step: Counter = field(default_factory=Counter)  # tokens a live sequence got from one step -> count
+    # accepted drafts + 1 of a live sequence in one step -> count: the method's acceptance, counted before
+    # a stop token or the length limit cuts what is emitted (new_tokens counts what was)
+    per_step: Counter = field(default_factory=Counter)
     time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
