@@ -188,10 +188,12 @@ def test_unwritable_cache_folder(fake_chunks, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,match", [
-    (lambda cfg: [1, 2], "not a model config dustin can read"),
-    (lambda cfg: {k: v for k, v in cfg.items() if k != "num_attention_heads"}, "no 'num_attention_heads'"),
-    (lambda cfg: {**cfg, "num_attention_heads": 0}, "not a model config|must be positive"),
-    (lambda cfg: {**cfg, "vocab_size": "128"}, "not a model config dustin can read"),
+    (lambda cfg: [1, 2], "holds a JSON list, not a model config"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "num_attention_heads"},
+     r"num_attention_heads \(missing\): model sizes must be positive integers"),
+    (lambda cfg: {**cfg, "num_attention_heads": 0}, r"num_attention_heads \(0\): model sizes must be positive"),
+    (lambda cfg: {**cfg, "vocab_size": "128"}, r"vocab_size \(\"128\"\): model sizes must be positive"),
+    (lambda cfg: {**cfg, "head_dim": None, "hidden_size": 2}, "leaves no head dimension"),
     (lambda cfg: {**cfg, "rope_scaling": "yes"}, "not a model config dustin can read"),
     (lambda cfg: {**cfg, "architectures": "GPTNeoXForCausalLM"}, "unsupported architecture 'GPTNeoXForCausalLM'"),
     (lambda cfg: {**cfg, "num_hidden_layers": -2}, "must be positive"),

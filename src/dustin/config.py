@@ -122,6 +122,14 @@ class ModelArgs:
             )
         elif rope_type not in ("default", None):
             raise DustinError(f"unsupported RoPE scaling {rope_type!r}; dustin supports default and llama3")
+        sizes = {k: cfg.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "intermediate_size")}
+        sizes.update({k: cfg[k] for k in ("num_key_value_heads", "head_dim") if cfg.get(k) is not None})
+        bad = [f"{k} ({json.dumps(v) if k in cfg else 'missing'})" for k, v in sizes.items()
+               if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1)]
+        if bad:
+            raise DustinError(f"{', '.join(bad)}: model sizes must be positive integers; the config may be damaged "
+                              "or not a Llama, Qwen2 or Mistral config.json")
         n_heads = cfg["num_attention_heads"]
         is_qwen2 = arch == "Qwen2ForCausalLM"
         window = cfg.get("sliding_window")
@@ -159,20 +167,22 @@ class ModelArgs:
             raise DustinError(f"missing config file {path}; a checkpoint directory needs its config.json") from None
         except json.JSONDecodeError as e:
             raise DustinError(f"{path} is not valid JSON ({e}); the file may be truncated") from None
+        if not isinstance(cfg, dict):
+            raise DustinError(f"{path} holds a JSON {type(cfg).__name__}, not a model config; a checkpoint needs a "
+                              "Hugging Face config.json")
         try:
             args = cls.from_hf_config(cfg)
-            args.n_params()  # every size must be a number
-        except DustinError:
-            raise
+        except DustinError as e:
+            raise DustinError(f"{path}: {e}") from None
         except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
             what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
             raise DustinError(f"{path} is not a model config dustin can read ({what}); it needs a Hugging Face "
                               "config.json of a Llama, Qwen2 or Mistral model") from None
         sizes = (args.n_layers, args.n_heads, args.n_kv_heads, args.dim, args.vocab_size, args.intermediate_size,
                  args.head_dim)
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):  # head_dim from sizes
             raise DustinError(f"{path}: layer, head, hidden, intermediate and vocabulary sizes must be positive "
-                              "integers")
+                              "integers (hidden_size smaller than num_attention_heads leaves no head dimension)")
         return args
 
     def to_hf_config(self) -> dict[str, Any]:
