@@ -347,6 +347,10 @@ def cmd_bench(args) -> None:
         record = bench.run(shapes=(args.shapes or ",".join(bench.PAPER_SHAPES)).split(","),
                            contexts=_ints(args.contexts), batches=_ints(args.batches), gamma=args.gamma,
                            budget=args.budget, sdpa=not args.no_sdpa)
+    elif args.what == "reads":
+        from .bench import reads as bench
+
+        record = bench.run()
     elif args.what == "linear":
         from .bench import linear as bench
 
@@ -560,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", default="benchmarks/eval")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("bench", help="GPU speed benchmarks: attention kernels, or whole decoding steps")
-    s.add_argument("what", choices=["kernels", "linear", "e2e"])
+    s = sub.add_parser("bench", help="GPU speed benchmarks: attention kernels, the draft's linear layers, whole "
+                       "decoding steps, or what one launch of N bytes reads")
+    s.add_argument("what", choices=["kernels", "linear", "e2e", "reads"])
     s.add_argument("--shapes", default=None, help="kernels, linear: model shapes (default: the paper's targets "
                    "for kernels, the drafts for linear)")
     s.add_argument("--pairs", default="qwen2.5-7b,llama-3.1-8b", help="e2e: target shapes (each with its draft)")
