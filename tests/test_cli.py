@@ -91,16 +91,20 @@ def test_out_of_range_numbers_are_usage_errors(capsys, argv):
 
 
 def test_tune_refuses_more_heads_per_layer_than_a_model_has(monkeypatch, capsys, tmp_path):
+    """The target has 4 query heads per layer and the draft 2: --heads 3 fits the target, not the draft."""
     from dustin import loading
     from dustin.config import ModelArgs
 
-    tiny = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64)
-    monkeypatch.setattr(loading, "load_model", lambda source, **kw: loading.random_model(
-        tiny, device=torch.device("cpu"), dtype=torch.float32))
-    argv = ["tune", "--heads", "5", "--target-profile", "t.json", "--draft-profile", "d.json",
+    def tiny(heads):
+        args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=heads, n_kv_heads=2, intermediate_size=64)
+        return loading.random_model(args, device=torch.device("cpu"), dtype=torch.float32)
+
+    models = {"default:target": tiny(4), "default:draft": tiny(2)}
+    monkeypatch.setattr(loading, "load_model", lambda source, **kw: models[source])
+    argv = ["tune", "--heads", "3", "--target-profile", "t.json", "--draft-profile", "d.json",
             "--out", str(tmp_path / "x.json")]
     assert main(argv) == 2
-    assert "--heads 5 is more than the target's 4 query heads per layer; give at most 4" in \
+    assert "--heads 3 is more than the draft's 2 query heads per layer; give at most 2" in \
         " ".join(capsys.readouterr().out.split())
 
 

@@ -193,7 +193,7 @@ def test_unwritable_cache_folder(fake_chunks, tmp_path, monkeypatch):
      r"num_attention_heads \(missing\): model sizes must be positive integers"),
     (lambda cfg: {**cfg, "num_attention_heads": 0}, r"num_attention_heads \(0\): model sizes must be positive"),
     (lambda cfg: {**cfg, "vocab_size": "128"}, r"vocab_size \(\"128\"\): model sizes must be positive"),
-    (lambda cfg: {**cfg, "head_dim": None, "hidden_size": 2}, "leaves no head dimension"),
+    (lambda cfg: {**cfg, "head_dim": None, "hidden_size": 2}, "no head dimension is left"),
     (lambda cfg: {**cfg, "rope_scaling": "yes"}, "not a model config dustin can read"),
     (lambda cfg: {**cfg, "architectures": "GPTNeoXForCausalLM"}, "unsupported architecture 'GPTNeoXForCausalLM'"),
     (lambda cfg: {**cfg, "num_hidden_layers": -2}, "must be positive"),
@@ -209,6 +209,21 @@ def test_malformed_configs_are_named(tmp_path, edit, match):
     (path / "config.json").write_text(json.dumps(edit(cfg)))
     with pytest.raises(DustinError, match=match):
         load_args(str(path))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda cfg: {k: v for k, v in cfg.items() if k not in ("num_key_value_heads", "head_dim")},
+    lambda cfg: {**cfg, "num_key_value_heads": None, "head_dim": None},
+])
+def test_optional_sizes_may_be_omitted_or_null(tmp_path, edit):
+    """Without num_key_value_heads a model has one KV head per query head; without head_dim, hidden / heads."""
+    import json
+
+    path, _ = save_tiny_hf(tmp_path, "qwen2")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(cfg)))
+    args = load_args(str(path))
+    assert (args.n_kv_heads, args.head_dim) == (cfg["num_attention_heads"], cfg["hidden_size"] // cfg["num_attention_heads"])
 
 
 def test_checkpoint_tensors_of_the_wrong_shape_are_named(tmp_path):

@@ -5,13 +5,16 @@ import torch
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytest.importorskip("triton")
+from dustin import DustinError  # noqa: E402
 from dustin.bench import reads  # noqa: E402
 
 
-@pytest.mark.parametrize("n,programs", [(0, 3), (1, 1), (reads.BLOCK + 7, 2), (3 * reads.BLOCK - 1, 5)])
+@pytest.mark.parametrize("n,programs", [(0, 3), (1, 1), (100, 5), (reads.BLOCK + 7, 2), (5 * reads.BLOCK + 3, 2),
+                                        (7 * reads.BLOCK + 1, 3)])
 @pytest.mark.parametrize("use_pdl", [False, True])
 def test_stream_read_sums_each_programs_share(n, programs, use_pdl):
-    """Ragged last blocks, programs left with no share (five programs over three blocks), an empty buffer."""
+    """Shares of several blocks with a ragged last one, programs left with no share (five programs over
+    two 64-element grains), an empty buffer."""
     g = torch.Generator(device=DEV).manual_seed(0)
     x = torch.randn(n + 1, device=DEV, generator=g).to(torch.bfloat16)[:n]  # empty: a view, as the bench launches
     got = reads.stream_read(x, programs=programs, use_pdl=use_pdl)
@@ -19,6 +22,14 @@ def test_stream_read_sums_each_programs_share(n, programs, use_pdl):
     assert got.shape == (programs,)
     assert torch.allclose(got, want, atol=1e-2, rtol=1e-3)
     assert abs(float(got.sum()) - float(x.float().sum())) < 1e-2 + 1e-3 * float(x.float().abs().sum())
+
+
+def test_stream_read_refuses_what_it_would_misread():
+    x = torch.ones(64, 2, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(DustinError, match="contiguous 1-D"):
+        reads.stream_read(x[:, 0], programs=2)  # a strided view would be summed wrongly
+    with pytest.raises(DustinError, match="programs >= 1"):
+        reads.stream_read(x.flatten(), programs=0)
 
 
 def test_table_and_plot_render_a_record(tmp_path):

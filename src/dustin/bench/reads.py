@@ -16,19 +16,21 @@ import itertools
 import torch
 
 from .. import pdl
+from ..errors import DustinError
 from .common import copy_bandwidth, time_graph
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs run the reference
+except ImportError:  # CPU-only installs have the reference alone
     triton = None
 else:
     from ..pdl import wait_for_inputs
 
 SIZES_MB = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
 COLD_BYTES = 512 << 20  # copies per size: at least this much, ten times the H200's L2
-BLOCK = 4096  # elements per program and iteration: 8 KB of bf16, 16 bytes per thread of 8 warps
+BLOCK = 4096  # elements per program and iteration: 8 KB of bf16, 32 bytes per thread of 8 warps
+GRAIN = 64  # shares are multiples of 64 elements (128 bytes), so every program reads from 1 MB up
 
 if triton is not None:
 
@@ -45,40 +47,53 @@ if triton is not None:
         tl.store(Out + pid, tl.sum(acc, 0))
 
 
-def stream_read(x: torch.Tensor, *, programs: int, use_pdl: bool = False) -> torch.Tensor:
-    """Per program, the sum of its contiguous share of `x` (1-D, contiguous): `[programs]` float32.
+def _share(n: int, programs: int) -> int:
+    return max(1, -(-(-(-n // programs)) // GRAIN)) * GRAIN
 
-    Shares are whole `BLOCK`s, so the last programs may get nothing (and return 0)."""
-    n = x.numel()
-    per = max(1, triton.cdiv(triton.cdiv(n, programs), BLOCK)) * BLOCK
+
+def stream_read(x: torch.Tensor, *, programs: int, use_pdl: bool = False) -> torch.Tensor:
+    """Per program, the sum of its contiguous share of `x`: `[programs]` float32.
+
+    x: `[n]`, contiguous. Shares are whole multiples of 64 elements, so with few elements the last
+    programs may get nothing (and return 0).
+
+    >>> stream_read(torch.ones(1 << 20, device="cuda", dtype=torch.bfloat16), programs=264)
+    """
+    if triton is None:
+        raise DustinError("stream_read needs triton; use stream_read_reference")
+    if x.dim() != 1 or not x.is_contiguous() or programs < 1:
+        raise DustinError(f"stream_read takes a contiguous 1-D tensor and programs >= 1, got shape "
+                          f"{tuple(x.shape)}, strides {x.stride()} and {programs} programs")
     out = torch.empty(programs, device=x.device, dtype=torch.float32)
-    _stream_kernel[(programs,)](x, out, n, per, BLOCK=BLOCK,
+    _stream_kernel[(programs,)](x, out, x.numel(), _share(x.numel(), programs), BLOCK=BLOCK,
                                 **(pdl.options(x.device) if use_pdl else {"PDL": False}), num_warps=8)
     return out
 
 
 def stream_read_reference(x: torch.Tensor, *, programs: int) -> torch.Tensor:
     """`stream_read` in torch."""
-    n = x.numel()
-    per = max(1, -(-(-(-n // programs)) // BLOCK)) * BLOCK
+    n, per = x.numel(), _share(x.numel(), programs)
     return torch.stack([x[min(p * per, n): min((p + 1) * per, n)].float().sum() for p in range(programs)])
 
 
 def bench_size(nbytes: int, device: torch.device, sms: int) -> dict:
-    n = max(BLOCK, nbytes // 2)  # bf16 elements
-    copies = max(2, min(512, -(-COLD_BYTES // max(nbytes, 1)))) if nbytes else 1
-    bufs = [torch.ones(n, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+    n = nbytes // 2  # bf16 elements
+    copies = max(2, min(512, -(-COLD_BYTES // nbytes))) if n else 1
+    bufs = [torch.ones(max(n, 1), device=device, dtype=torch.bfloat16) for _ in range(copies)]
     rot = itertools.cycle(range(copies))
-    variants = {}
-    for per_sm, use_pdl in itertools.product((1, 2, 4), (False, True)):
+    pdl_on = pdl.options(device)["PDL"]
+    variants, active = {}, {}
+    for per_sm, use_pdl in itertools.product((1, 2, 4), (False, True) if pdl_on else (False,)):
+        p = per_sm * sms
+        name = f"{per_sm}-per-sm" + ("-pdl" if use_pdl else "")
         # an empty buffer's launch still runs every program, each finding no share to read
-        read = bufs[0][:0] if nbytes == 0 else None
-        launch = (lambda use_pdl=use_pdl, p=per_sm * sms: stream_read(
-            read if read is not None else bufs[next(rot)], programs=p, use_pdl=use_pdl))
-        variants[f"{per_sm}-per-sm" + ("-pdl" if use_pdl else "")] = time_graph(launch, calls=max(16, copies))
+        launch = (lambda use_pdl=use_pdl, p=p: stream_read(bufs[next(rot)][:n], programs=p, use_pdl=use_pdl))
+        variants[name] = time_graph(launch, calls=max(16, copies))
+        active[name] = min(p, -(-n // _share(n, p)))
     best = min(variants, key=variants.get)
     del bufs
-    return {"bytes": nbytes, "copies": copies, "best_config": best, "s": variants[best], "variants_s": variants}
+    return {"bytes": 2 * n, "copies": copies, "best_config": best, "s": variants[best], "variants_s": variants,
+            "active_programs": active, "pdl": pdl_on}
 
 
 def run(*, sizes_mb=SIZES_MB, progress=print) -> dict:
@@ -118,7 +133,7 @@ def plot(record: dict, path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("MB read by one launch")
     ax.set_ylabel("% of the copy bandwidth")
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, max(110, 10 + max(100 * c["bw_frac"] for c in cs)))
     ax.grid(True, alpha=0.3)
     empty = [c["s"] for c in record["cases"] if not c["bytes"]]
     ax.set_title(f"one launch in a CUDA graph (copy {record['copy_bandwidth_Bps'] / 1e12:.2f} TB/s"
